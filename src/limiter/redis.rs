@@ -1,0 +1,201 @@
+//! Shared buckets in Redis: the `redis` backend.
+//!
+//! One Lua script per decision checks and debits every bucket of the request
+//! atomically, reading the Redis server's clock (`TIME`) so that replicas'
+//! clocks never enter the arithmetic. Each bucket is one string key holding
+//! its GCRA TAT in microseconds, `{prefix}:{<tenant>}:<bucket>`: the tenant
+//! sits in a hash tag, so all keys of one request live on one Cluster slot,
+//! and tenant ids cannot contain `{`, `}` or `:`-ambiguity-breaking bytes
+//! (see [`TenantId`]), which keeps the key layout injective. Keys expire
+//! when their bucket would be full again, so idle tenants cost nothing.
+//!
+//! The script is sent by SHA (`EVALSHA`) and reloaded on `NOSCRIPT` (a Redis
+//! restarted empty). Every call is bounded by `backend.redis.timeout`; the
+//! connection is a multiplexed, auto-reconnecting one, so concurrent
+//! decisions from all workers pipeline on one socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use tokio::sync::OnceCell;
+
+use super::{BucketSpec, Decision, Gcra, LimiterError, evaluate};
+use crate::config::{RedisConfig, RedisTarget};
+use crate::identity::TenantId;
+
+const MICROS: f64 = 1e6;
+
+/// Check-and-debit over all of a request's buckets. KEYS are the buckets;
+/// ARGV holds `interval, tau, cost` per bucket (microseconds, tokens).
+/// Returns `{admitted, now, tat_1, ..., tat_n}` with the TATs as they were
+/// before this call (`max(tat, now)`); the caller re-derives the reply
+/// (remaining, reset, retry-after) from them with [`evaluate`], the same
+/// arithmetic the memory backend uses.
+const SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = #KEYS
+local tats = {}
+local ok = true
+for i = 1, n do
+  local interval = tonumber(ARGV[3 * i - 2])
+  local tau = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or 0)
+  if tat < now then tat = now end
+  tats[i] = tat
+  if tat + cost * interval - now > tau then ok = false end
+end
+local reply = { ok and 1 or 0, now }
+for i = 1, n do
+  local tat = tats[i]
+  reply[i + 2] = tat
+  if ok then
+    tat = tat + tonumber(ARGV[3 * i]) * tonumber(ARGV[3 * i - 2])
+    local ttl = math.ceil((tat - now) / 1000)
+    if ttl < 1 then ttl = 1 end
+    redis.call('SET', KEYS[i], tat, 'PX', ttl)
+  end
+end
+return reply
+"#;
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// The Redis limiter.
+pub struct RedisLimiter {
+    conn: Arc<OnceCell<Conn>>,
+    script: redis::Script,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl RedisLimiter {
+    /// Creates the limiter and starts connecting in the background; until a
+    /// connection exists, calls fail with [`LimiterError::Unavailable`] and
+    /// the `on_error` policy decides. Must be called inside a Tokio runtime.
+    pub fn new(cfg: &RedisConfig) -> Result<RedisLimiter, LimiterError> {
+        let conn = Arc::new(OnceCell::new());
+        let timeout = cfg.timeout;
+        // Connection attempts get a little more room than one call.
+        let connect_timeout = timeout.max(Duration::from_millis(250));
+        match &cfg.target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                let manager = ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+                let _ = conn.set(Conn::Single(manager));
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(timeout)
+                    .build()
+                    .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+                let cell = conn.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match client.get_async_connection().await {
+                            Ok(c) => {
+                                let _ = cell.set(Conn::Cluster(c));
+                                tracing::info!("connected to redis cluster");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "redis cluster not reachable yet; retrying");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        Ok(RedisLimiter {
+            conn,
+            script: redis::Script::new(SCRIPT),
+            prefix: cfg.key_prefix.clone(),
+            timeout,
+        })
+    }
+
+    /// The Redis key of a bucket: `{prefix}:{<tenant>}:<bucket>`.
+    pub fn key(prefix: &str, tenant: &TenantId, bucket: &str) -> String {
+        let mut k = String::with_capacity(prefix.len() + tenant.as_str().len() + bucket.len() + 4);
+        k.push_str(prefix);
+        k.push_str(":{");
+        k.push_str(tenant.as_str());
+        k.push_str("}:");
+        k.push_str(bucket);
+        k
+    }
+
+    /// Checks and (if admitted) debits every bucket in one script call.
+    pub async fn check(
+        &self,
+        tenant: &TenantId,
+        buckets: &[BucketSpec],
+    ) -> Result<Decision, LimiterError> {
+        let mut conn = match self.conn.get() {
+            Some(c) => c.clone(),
+            None => return Err(LimiterError::Unavailable("not connected".into())),
+        };
+        let n = buckets.len();
+        assert!((1..=4).contains(&n), "a request touches 1..=4 buckets");
+        let mut gcras = [Gcra {
+            interval: 1,
+            tau: 1,
+        }; 4];
+        let mut inv = self.script.prepare_invoke();
+        for (g, b) in gcras.iter_mut().zip(buckets) {
+            *g = Gcra::new(&b.limit, MICROS);
+            inv.key(Self::key(&self.prefix, tenant, &b.name));
+            inv.arg(g.interval).arg(g.tau).arg(b.cost);
+        }
+        let call = async {
+            match &mut conn {
+                Conn::Single(c) => inv.invoke_async::<Vec<u64>>(c).await,
+                Conn::Cluster(c) => inv.invoke_async::<Vec<u64>>(c).await,
+            }
+        };
+        let reply = match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => return Err(LimiterError::Timeout),
+            Ok(Err(e)) if e.is_timeout() => return Err(LimiterError::Timeout),
+            Ok(Err(e))
+                if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() =>
+            {
+                return Err(LimiterError::Unavailable(e.to_string()));
+            }
+            Ok(Err(e)) => return Err(LimiterError::Redis(e.to_string())),
+            Ok(Ok(r)) => r,
+        };
+        if reply.len() != n + 2 {
+            return Err(LimiterError::Redis(format!(
+                "unexpected script reply of {} values",
+                reply.len()
+            )));
+        }
+        let admitted = reply[0] == 1;
+        let now = reply[1];
+        let mut tats = [0u64; 4];
+        tats[..n].copy_from_slice(&reply[2..]);
+        let decision = evaluate(buckets, &gcras[..n], &mut tats[..n], now, MICROS);
+        if admitted != matches!(decision, Decision::Allow { .. }) {
+            // The script and `evaluate` implement one rule; disagreement
+            // would be a bug, and Redis's verdict (already applied) wins.
+            tracing::error!(admitted, "redis script and local arithmetic disagree");
+        }
+        Ok(decision)
+    }
+}

@@ -1,0 +1,183 @@
+//! The `tiergate` command line: `serve`, `check`, `demo`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tiergate::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "tiergate",
+    version,
+    about = "Per-tenant, tier-aware rate-limiting reverse proxy"
+)]
+struct Cli {
+    /// Log format (default: text on a terminal, json otherwise). Level from RUST_LOG (default info).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy and the admin listener.
+    Serve {
+        /// Config file (default: $TIERGATE_CONFIG, then config/tiergate.yaml).
+        #[arg(long, env = "TIERGATE_CONFIG", default_value = "config/tiergate.yaml")]
+        config: PathBuf,
+    },
+    /// Validate a config file: exit 0 with a summary, or 1 with every error.
+    Check {
+        /// Config file (default: $TIERGATE_CONFIG, then config/tiergate.yaml).
+        #[arg(long, env = "TIERGATE_CONFIG", default_value = "config/tiergate.yaml")]
+        config: PathBuf,
+    },
+    /// Zero-setup demo: echo upstream, example tiers, memory backend.
+    Demo,
+}
+
+fn init_logging(format: Option<LogFormat>) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = match format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => !std::io::stderr().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Check { config } => return check(&config),
+        Command::Serve { config } => runtime().and_then(|rt| rt.block_on(serve(config))),
+        Command::Demo => runtime().and_then(|rt| rt.block_on(demo())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("tiergate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The control runtime: admin listener, signals, background tasks. Proxy
+/// workers run on runtimes of their own.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    let env: Arc<tiergate::EnvFn> = Arc::new(|_: &str| Some(String::new()));
+    let result = Config::from_file(path).and_then(|cfg| {
+        // Load key files too (a bad PEM is a config error); secrets from the
+        // environment are only required at serve time.
+        tiergate::Live::new(Arc::new(cfg.clone()), &*env)
+            .map(|_| cfg)
+            .map_err(|mut e| {
+                e.file = Some(path.to_path_buf());
+                e
+            })
+    });
+    match result {
+        Ok(cfg) => {
+            println!("{}: {}", path.display(), cfg.summary());
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s)", path.display(), errors.errors.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::from_file(&path)?;
+    let env: Arc<tiergate::EnvFn> = Arc::new(tiergate::process_env);
+    let running = tiergate::start(config, env).await?;
+    tracing::info!(
+        proxy = %running.proxy_addr,
+        admin = %running.admin_addr,
+        backend = running.app.backend_name(),
+        "ready"
+    );
+    wait_for_signals(&running, Some(&path)).await?;
+    running.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Returns on SIGTERM or SIGINT; reloads the config on SIGHUP.
+async fn wait_for_signals(
+    running: &tiergate::Running,
+    reload_from: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); return Ok(()); }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); return Ok(()); }
+            _ = hup.recv() => match reload_from {
+                Some(path) => match running.app.reload(path) {
+                    Ok(restart) if restart.is_empty() => tracing::info!("config reloaded"),
+                    Ok(restart) => tracing::warn!(needs_restart = ?restart, "config reloaded; some changed settings only apply after a restart"),
+                    Err(e) => tracing::error!(errors = %e, "config reload refused; keeping the old config"),
+                },
+                None => tracing::info!("SIGHUP ignored (no config file)"),
+            },
+        }
+    }
+}
+
+async fn demo() -> anyhow::Result<()> {
+    let echo = tiergate::demo::start_echo()
+        .await
+        .context("cannot start the echo upstream")?;
+    let pick = |preferred: &str| -> SocketAddr {
+        let addr: SocketAddr = preferred.parse().expect("valid address");
+        match std::net::TcpListener::bind(addr) {
+            Ok(_) => addr,
+            Err(_) => "127.0.0.1:0".parse().expect("valid address"),
+        }
+    };
+    let cfg = tiergate::demo::config(echo, pick("127.0.0.1:8080"), pick("127.0.0.1:9090"));
+    let running = tiergate::start(cfg, tiergate::demo::env()).await?;
+    tracing::info!(proxy = %running.proxy_addr, admin = %running.admin_addr, "ready");
+    println!(
+        "{}",
+        tiergate::demo::instructions(running.proxy_addr, running.admin_addr)
+    );
+    wait_for_signals(&running, None).await?;
+    running.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! Forwarding to the upstream with a pooled keep-alive hyper-util client.
+//!
+//! Bodies stream both ways. Hop-by-hop headers (RFC 9110 §7.6.1, plus any
+//! named in `Connection`) are removed in both directions; `Upgrade`
+//! requests (WebSocket) are passed through and, on `101`, the two upgraded
+//! connections are spliced together.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use crate::config::UpstreamConfig;
+use crate::hardening::LimitedBody;
+
+/// The request body type sent upstream.
+pub type UpstreamBody = LimitedBody<Incoming>;
+
+/// Why forwarding failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connect refused/failed or the exchange broke.
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    /// No response headers within `upstream.timeout`.
+    #[error("upstream timed out")]
+    Timeout,
+    /// The client's body went over `max_body_bytes` mid-stream.
+    #[error("request body too large")]
+    BodyTooLarge,
+}
+
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, including those listed in `Connection`.
+/// `Upgrade` is kept only when `keep_upgrade` (an upgrade being forwarded).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            if !(keep_upgrade && n == header::UPGRADE) {
+                headers.remove(n);
+            }
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether a request asks for a protocol upgrade (e.g. WebSocket).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// The upstream: base address and a pooled client.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, UpstreamBody>,
+    scheme: Scheme,
+    authority: Authority,
+    timeout: Duration,
+}
+
+impl Upstream {
+    /// A client for `cfg`; must be created inside a Tokio runtime, whose
+    /// tasks then drive its pooled connections.
+    pub fn new(cfg: &UpstreamConfig) -> Upstream {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(cfg.connect_timeout));
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Upstream {
+            client,
+            scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTP),
+            authority: cfg
+                .url
+                .authority()
+                .cloned()
+                .expect("validated upstream url"),
+            timeout: cfg.timeout,
+        }
+    }
+
+    /// Forwards `req` (headers already prepared by the caller except
+    /// hop-by-hop removal) and returns the upstream's response head with a
+    /// streaming body. `body_tripped` is the flag of the request's
+    /// [`LimitedBody`].
+    pub async fn forward(
+        &self,
+        mut req: Request<UpstreamBody>,
+        body_tripped: &Arc<AtomicBool>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        if upgrade {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let uri = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(pq)
+            .build()
+            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+        if !req.headers().contains_key(header::HOST)
+            && let Some(host) = req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            req.headers_mut().insert(header::HOST, host);
+        }
+        *req.uri_mut() = uri;
+        *req.version_mut() = Version::HTTP_11;
+
+        let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
+        let mut resp = match result {
+            Err(_) => return Err(UpstreamError::Timeout),
+            Ok(Err(e)) => {
+                if body_tripped.load(Ordering::Relaxed) {
+                    return Err(UpstreamError::BodyTooLarge);
+                }
+                return Err(UpstreamError::Unreachable(error_chain(&e)));
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                match tokio::try_join!(client_upgrade, upstream_upgrade) {
+                    Ok((client, upstream)) => {
+                        let mut client = TokioIo::new(client);
+                        let mut upstream = TokioIo::new(upstream);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+            // Keep Connection/Upgrade on a 101.
+            return Ok(resp);
+        }
+        strip_hop_by_hop(resp.headers_mut(), false);
+        Ok(resp)
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// Bytes of a response body we generate ourselves.
+pub type Generated = http_body_util::Full<Bytes>;

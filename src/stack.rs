@@ -1,0 +1,307 @@
+//! The request path, outermost first:
+//!
+//! 1. **route** — match the route once; exempt routes skip steps 3–6
+//!    entirely (no identity read, nothing limited).
+//! 2. **hardening** — reject a declared body over `max_body_bytes` (413)
+//!    before any work, and resolve the real client address.
+//! 3. **ip guard** — the optional `ip_limit` bucket, checked before identity
+//!    so a flood of bogus tokens is stopped before paying for JWT
+//!    verification.
+//! 4. **identity** — JWT or header source; 401/400 here.
+//! 5. **policy** — effective tier and the buckets this request touches.
+//! 6. **limiter** — one atomic check-and-debit; 429 or `on_error` here.
+//! 7. **upstream** — forward with tiergate's headers; 502/504/413 here.
+//!
+//! Every response tiergate produces itself goes through
+//! [`ProxyError::to_response`] (the one error table); every decided
+//! response carries the rate-limit headers of its most constraining bucket.
+//! This is a plain async function rather than a tower stack: each step is a
+//! few lines, the order is fixed, and the hot path stays free of boxed
+//! futures.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
+use http::{Request, Response};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use crate::App;
+use crate::error::ProxyError;
+use crate::hardening::{LimitedBody, client_ip};
+use crate::identity::TenantId;
+use crate::limiter::{BucketSpec, BucketState, Decision, IP_BUCKET, Limiter, Outcome};
+use crate::proxy::{Upstream, UpstreamError};
+
+/// The body of every response the proxy returns.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+static X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
+static X_TENANT_TIER: HeaderName = HeaderName::from_static("x-tenant-tier");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Label for requests that matched no route.
+const NO_ROUTE: &str = "default";
+/// Tier label for requests refused before a tier was known.
+const NO_TIER: &str = "none";
+
+/// One worker's request handler: shared state plus the worker's own
+/// upstream pool and limiter connection.
+pub struct Gate {
+    app: Arc<App>,
+    upstream: Upstream,
+    limiter: Limiter,
+}
+
+impl Gate {
+    /// A handler for one worker runtime.
+    pub fn new(app: Arc<App>, upstream: Upstream, limiter: Limiter) -> Gate {
+        Gate {
+            app,
+            upstream,
+            limiter,
+        }
+    }
+
+    /// Handles one request from `peer`.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+    ) -> Response<ProxyBody> {
+        let live = self.app.live.load();
+        let policy = &live.policy;
+        let cfg = policy.config();
+
+        // 1. route
+        let route_idx = policy.route(req.method(), req.uri().path());
+        let route = route_idx.map(|i| &cfg.routes[i]);
+        let route_label: &str = route.map_or(NO_ROUTE, |r| &r.name);
+
+        // 2. hardening
+        let declared_len = req
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared_len.is_some_and(|n| n > cfg.server.max_body_bytes) {
+            return self.refuse(ProxyError::BodyTooLarge, NO_TIER, route_label, None);
+        }
+        let ip = client_ip(peer, req.headers(), &cfg.server.trusted_proxies);
+        let peer_trusted = cfg
+            .server
+            .trusted_proxies
+            .iter()
+            .any(|n| n.contains(&peer.ip()));
+
+        if route.is_some_and(|r| r.exempt) {
+            set_forwarding_headers(&mut req, peer.ip(), peer_trusted);
+            req.headers_mut().remove(&X_TENANT_TIER);
+            return self.forward(req, None).await;
+        }
+
+        // 3. ip guard
+        let mut ip_debit: Option<(TenantId, BucketSpec, BucketState)> = None;
+        if let Some(limit) = cfg.server.ip_limit {
+            let key = TenantId::for_ip(ip);
+            let spec = BucketSpec {
+                name: Arc::from(IP_BUCKET),
+                limit,
+                cost: 1,
+            };
+            match self.app.ip_limiter.check(&key, std::slice::from_ref(&spec)) {
+                Decision::Allow { state } => ip_debit = Some((key, spec, state)),
+                Decision::Deny { state, retry_after } => {
+                    let err = ProxyError::RateLimited {
+                        tenant: None,
+                        tier: None,
+                        route: None,
+                        retry_after,
+                    };
+                    return self.refuse(err, NO_TIER, route_label, Some(&state));
+                }
+            }
+        }
+
+        // 4. identity (an ip token spent here stays spent: the guard exists
+        //    to make floods of bad credentials pay)
+        let identity = match live.identifier.identify(req.headers(), ip) {
+            Ok(id) => id,
+            Err(e) => {
+                let state = ip_debit.as_ref().map(|(_, _, s)| s);
+                return self.refuse(e.into(), NO_TIER, route_label, state);
+            }
+        };
+
+        // 5. policy
+        let (tier, _source) = policy.resolve_tier(&identity, None);
+        let tier_name = &cfg.tiers[tier].name;
+        let buckets = policy.buckets(route_idx, tier);
+
+        // 6. limiter
+        let state = match self.limiter.check(&identity.tenant, buckets).await {
+            Outcome::Decided(Decision::Allow { state }) => Some(state),
+            Outcome::Decided(Decision::Deny { state, retry_after }) => {
+                if let Some((key, spec, _)) = &ip_debit {
+                    self.app.ip_limiter.refund(key, spec);
+                }
+                tracing::debug!(tenant = %identity.tenant, tier = %tier_name, route = route_label, bucket = %state.name, "throttled");
+                let err = ProxyError::RateLimited {
+                    tenant: Some(identity.tenant.clone()),
+                    tier: Some(tier_name.clone()),
+                    route: route.map(|r| r.name.clone()),
+                    retry_after,
+                };
+                return self.refuse(err, tier_name, route_label, Some(&state));
+            }
+            Outcome::FailOpen => None,
+            Outcome::Unavailable => {
+                if let Some((key, spec, _)) = &ip_debit {
+                    self.app.ip_limiter.refund(key, spec);
+                }
+                return self.refuse(ProxyError::LimiterUnavailable, tier_name, route_label, None);
+            }
+        };
+        let shown = match (state, ip_debit) {
+            (Some(s), Some((_, _, ip_state))) if ip_state.remaining < s.remaining => Some(ip_state),
+            (Some(s), _) => Some(s),
+            (None, ip) => ip.map(|(_, _, s)| s),
+        };
+        self.app
+            .metrics
+            .requests
+            .with_label_values(&[tier_name, route_label, "allowed"])
+            .inc();
+
+        // 7. upstream
+        set_forwarding_headers(&mut req, peer.ip(), peer_trusted);
+        let h = req.headers_mut();
+        h.insert(&X_TENANT_TIER, live.tier_header(tier));
+        if let Ok(v) = HeaderValue::from_str(identity.tenant.as_str()) {
+            h.insert(&X_TENANT_ID, v);
+        }
+        self.forward(req, shown.as_ref()).await
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        state: Option<&BucketState>,
+    ) -> Response<ProxyBody> {
+        let limit = self.app.live.load().policy.config().server.max_body_bytes;
+        let tripped = Arc::new(AtomicBool::new(false));
+        let req = req.map(|b| LimitedBody::new(b, limit, tripped.clone()));
+        let started = Instant::now();
+        let mut resp = match self.upstream.forward(req, &tripped).await {
+            Ok(resp) => {
+                self.app
+                    .metrics
+                    .upstream_histogram(resp.status().as_u16())
+                    .observe(started.elapsed().as_secs_f64());
+                resp.map(Either::Left)
+            }
+            Err(e) => {
+                let err = match &e {
+                    UpstreamError::Timeout => ProxyError::GatewayTimeout,
+                    UpstreamError::BodyTooLarge => ProxyError::BodyTooLarge,
+                    UpstreamError::Unreachable(_) => ProxyError::BadGateway,
+                };
+                if !matches!(e, UpstreamError::BodyTooLarge) {
+                    tracing::warn!(error = %e, "upstream request failed");
+                    self.app
+                        .metrics
+                        .upstream_histogram(err.parts().0.as_u16())
+                        .observe(started.elapsed().as_secs_f64());
+                }
+                err.to_response().map(Either::Right)
+            }
+        };
+        if let Some(s) = state {
+            rate_limit_headers(resp.headers_mut(), s);
+        }
+        resp
+    }
+
+    fn refuse(
+        &self,
+        err: ProxyError,
+        tier: &str,
+        route: &str,
+        state: Option<&BucketState>,
+    ) -> Response<ProxyBody> {
+        self.app
+            .metrics
+            .requests
+            .with_label_values(&[tier, route, err.decision()])
+            .inc();
+        let mut resp = err.to_response().map(Either::Right);
+        if let Some(s) = state {
+            rate_limit_headers(resp.headers_mut(), s);
+        }
+        resp
+    }
+}
+
+/// Sets `x-forwarded-for` (appended when the peer is a trusted proxy,
+/// replaced otherwise), `x-forwarded-proto` and `x-request-id`.
+fn set_forwarding_headers<B>(req: &mut Request<B>, peer: IpAddr, peer_trusted: bool) {
+    let h = req.headers_mut();
+    let peer_text = peer.to_string();
+    let xff = match (
+        peer_trusted,
+        h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
+    ) {
+        (true, Some(prev)) if !prev.is_empty() => format!("{prev}, {peer_text}"),
+        _ => peer_text,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert(&X_FORWARDED_FOR, v);
+    }
+    h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let keep = h
+        .get(&X_REQUEST_ID)
+        .is_some_and(|v| !v.is_empty() && v.len() <= 200);
+    if !keep {
+        h.insert(&X_REQUEST_ID, request_id());
+    }
+}
+
+/// A unique-enough request id: process-random prefix and a counter.
+fn request_id() -> HeaderValue {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let seed = *SEED.get_or_init(|| {
+        use std::hash::{BuildHasher, RandomState};
+        RandomState::new().hash_one(std::process::id())
+    });
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::from_str(&format!("{seed:016x}{n:016x}")).expect("hex is a valid header")
+}
+
+/// Adds the legacy `X-RateLimit-*` trio and the IETF structured pair.
+pub fn rate_limit_headers(h: &mut http::HeaderMap, s: &BucketState) {
+    let reset = s.reset.as_secs_f64().ceil() as u64;
+    let window = s.window.as_secs_f64().ceil() as u64;
+    h.insert(&X_RATELIMIT_LIMIT, HeaderValue::from(s.burst));
+    h.insert(&X_RATELIMIT_REMAINING, HeaderValue::from(s.remaining));
+    h.insert(&X_RATELIMIT_RESET, HeaderValue::from(reset));
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\";q={};w={}", s.name, s.burst, window)) {
+        h.insert(&RATELIMIT_POLICY, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\";r={};t={}", s.name, s.remaining, reset)) {
+        h.insert(&RATELIMIT, v);
+    }
+}
