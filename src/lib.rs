@@ -153,6 +153,16 @@ impl App {
     /// identity atomically. Returns the settings that changed but need a
     /// restart; on error the old config keeps serving.
     pub fn reload(&self, path: &Path) -> Result<Vec<String>, ConfigErrors> {
+        let result = self.try_reload(path);
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .config_reloads
+            .with_label_values(&[label])
+            .inc();
+        result
+    }
+
+    fn try_reload(&self, path: &Path) -> Result<Vec<String>, ConfigErrors> {
         let new = Config::from_file(path)?;
         let old = self.live.load().policy.config().clone();
         let mut restart = Vec::new();
@@ -175,6 +185,11 @@ impl App {
             e.file = Some(path.to_path_buf());
             e
         })?;
+        let cfg = live.policy.config().clone();
+        self.metrics.tenant_labels.configure(
+            cfg.metrics.max_tenant_labels,
+            cfg.tenants.keys().map(String::as_str),
+        );
         self.live.store(Arc::new(live));
         Ok(restart)
     }
@@ -253,6 +268,10 @@ pub async fn start(config: Config, env: Arc<EnvFn>) -> Result<Running, StartErro
     let config = Arc::new(config);
     let live = Live::new(config.clone(), &*env)?;
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new()));
+    metrics.tenant_labels.configure(
+        config.metrics.max_tenant_labels,
+        config.tenants.keys().map(String::as_str),
+    );
     let local = Arc::new(MemoryLimiter::new());
     let ip_limiter = Arc::new(MemoryLimiter::new());
     local.spawn_sweeper(Duration::from_secs(10));

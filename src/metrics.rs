@@ -1,7 +1,41 @@
 //! Prometheus metrics (SPEC §8), registered on a passed-in registry so that
 //! tests and embedders can read them without global state.
+//!
+//! Per-tenant series are bounded: [`TenantLabels`] admits at most
+//! `metrics.max_tenant_labels` distinct tenant values — tenants named in the
+//! config's `tenants:` map first, then the first tenants seen being throttled
+//! or near their limit — and folds everyone else into `tenant="__other__"`.
+//! A flood of random tenant ids therefore cannot grow the series count. The
+//! set is read lock-free (an `ArcSwap` snapshot) and copied only when a new
+//! tenant is admitted, which happens at most `max_tenant_labels` times.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use arc_swap::ArcSwap;
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Every metric name tiergate exports (besides the process collector's).
+pub const METRIC_NAMES: &[&str] = &[
+    "tiergate_requests_total",
+    "tiergate_tenant_throttled_total",
+    "tiergate_tenant_near_limit_total",
+    "tiergate_near_limit_total",
+    "tiergate_unknown_tier_total",
+    "tiergate_limiter_duration_seconds",
+    "tiergate_backend_errors_total",
+    "tiergate_backend_degraded",
+    "tiergate_upstream_duration_seconds",
+    "tiergate_active_connections",
+    "tiergate_config_reloads_total",
+    "tiergate_overrides",
+];
+
+/// Label value of tenants beyond the bound.
+pub const OTHER_TENANT: &str = "__other__";
 
 /// Every metric tiergate exports.
 pub struct Metrics {
@@ -17,6 +51,22 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     /// `tiergate_active_connections`.
     pub active_connections: IntGauge,
+    /// `tiergate_tenant_throttled_total{tenant,tier}` (bounded tenants).
+    pub tenant_throttled: IntCounterVec,
+    /// `tiergate_tenant_near_limit_total{tenant,tier}`: admitted requests that
+    /// left the tenant under 10% of its burst (bounded tenants).
+    pub tenant_near_limit: IntCounterVec,
+    /// `tiergate_near_limit_total{tier}`: the same, per tier.
+    pub near_limit: IntCounterVec,
+    /// `tiergate_unknown_tier_total`: claimed or overridden tiers that are
+    /// not configured (the default tier was used).
+    pub unknown_tier: IntCounter,
+    /// `tiergate_config_reloads_total{result}`.
+    pub config_reloads: IntCounterVec,
+    /// `tiergate_overrides`: admin overrides currently stored.
+    pub overrides: IntGauge,
+    /// Bounded tenant label set.
+    pub tenant_labels: TenantLabels,
     /// The registry they live on.
     pub registry: Registry,
 }
@@ -74,8 +124,56 @@ impl Metrics {
             "Client connections currently open on the proxy listener.",
         )
         .expect("valid metric");
+        let tenant_throttled = IntCounterVec::new(
+            Opts::new(
+                "tiergate_tenant_throttled_total",
+                "Throttled requests per tenant (bounded; the rest are tenant=\"__other__\").",
+            ),
+            &["tenant", "tier"],
+        )
+        .expect("valid metric");
+        let tenant_near_limit = IntCounterVec::new(
+            Opts::new(
+                "tiergate_tenant_near_limit_total",
+                "Admitted requests that left the tenant with under 10% of its burst (bounded tenants).",
+            ),
+            &["tenant", "tier"],
+        )
+        .expect("valid metric");
+        let near_limit = IntCounterVec::new(
+            Opts::new(
+                "tiergate_near_limit_total",
+                "Admitted requests that left their tenant with under 10% of its burst, per tier.",
+            ),
+            &["tier"],
+        )
+        .expect("valid metric");
+        let unknown_tier = IntCounter::new(
+            "tiergate_unknown_tier_total",
+            "Requests whose claimed or overridden tier is not configured (default tier used).",
+        )
+        .expect("valid metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "tiergate_config_reloads_total",
+                "Config reload attempts by result.",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let overrides = IntGauge::new("tiergate_overrides", "Admin overrides currently stored.")
+            .expect("valid metric");
+        for r in ["ok", "error"] {
+            config_reloads.with_label_values(&[r]);
+        }
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tenant_throttled.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(tenant_near_limit.clone()),
+            Box::new(near_limit.clone()),
+            Box::new(unknown_tier.clone()),
+            Box::new(config_reloads.clone()),
+            Box::new(overrides.clone()),
+            Box::new(requests.clone()),
             Box::new(limiter_duration.clone()),
             Box::new(backend_errors.clone()),
             Box::new(backend_degraded.clone()),
@@ -96,6 +194,13 @@ impl Metrics {
             backend_degraded,
             upstream_duration,
             active_connections,
+            tenant_throttled,
+            tenant_near_limit,
+            near_limit,
+            unknown_tier,
+            config_reloads,
+            overrides,
+            tenant_labels: TenantLabels::new(100),
             registry,
         }
     }
@@ -108,6 +213,23 @@ impl Metrics {
         out
     }
 
+    /// Counts a throttled request for `tenant` (bounded label).
+    pub fn throttled(&self, tenant: &str, tier: &str) {
+        let label = self.tenant_labels.label(tenant);
+        self.tenant_throttled
+            .with_label_values(&[&label, tier])
+            .inc();
+    }
+
+    /// Counts an admitted request that left its tenant near the limit.
+    pub fn near_limit(&self, tenant: &str, tier: &str) {
+        self.near_limit.with_label_values(&[tier]).inc();
+        let label = self.tenant_labels.label(tenant);
+        self.tenant_near_limit
+            .with_label_values(&[&label, tier])
+            .inc();
+    }
+
     /// A histogram child, for callers that cache it.
     pub fn upstream_histogram(&self, status: u16) -> Histogram {
         let class = match status {
@@ -118,5 +240,109 @@ impl Metrics {
             _ => "5xx",
         };
         self.upstream_duration.with_label_values(&[class])
+    }
+}
+
+/// The bounded set of tenants that get their own label value.
+pub struct TenantLabels {
+    known: ArcSwap<HashMap<Box<str>, Arc<str>>>,
+    max: std::sync::atomic::AtomicUsize,
+    grow: Mutex<()>,
+}
+
+impl TenantLabels {
+    /// At most `max` tenants.
+    pub fn new(max: usize) -> TenantLabels {
+        TenantLabels {
+            known: ArcSwap::from_pointee(HashMap::new()),
+            max: std::sync::atomic::AtomicUsize::new(max),
+            grow: Mutex::new(()),
+        }
+    }
+
+    /// Sets the bound and pre-seeds tenants named in the config, in order,
+    /// up to the bound. Tenants already labelled keep their label.
+    pub fn configure<'a>(&self, max: usize, seed: impl IntoIterator<Item = &'a str>) {
+        self.max.store(max, std::sync::atomic::Ordering::Relaxed);
+        for t in seed {
+            self.label(t);
+        }
+    }
+
+    /// The label value for `tenant`: itself while there is room, else
+    /// `__other__`.
+    pub fn label(&self, tenant: &str) -> Arc<str> {
+        if let Some(l) = self.known.load().get(tenant) {
+            return l.clone();
+        }
+        let max = self.max.load(std::sync::atomic::Ordering::Relaxed);
+        if self.known.load().len() >= max {
+            return Arc::from(OTHER_TENANT);
+        }
+        let _g = self.grow.lock().unwrap_or_else(|p| p.into_inner());
+        let cur = self.known.load();
+        if let Some(l) = cur.get(tenant) {
+            return l.clone();
+        }
+        if cur.len() >= max {
+            return Arc::from(OTHER_TENANT);
+        }
+        let mut next = HashMap::clone(&cur);
+        let label: Arc<str> = Arc::from(tenant);
+        next.insert(Box::from(tenant), label.clone());
+        self.known.store(Arc::new(next));
+        label
+    }
+
+    /// How many tenants have their own label.
+    pub fn len(&self) -> usize {
+        self.known.load().len()
+    }
+
+    /// Whether no tenant has its own label yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A flood of random tenant ids cannot grow the label set past its bound.
+    #[test]
+    fn tenant_labels_are_bounded() {
+        let l = TenantLabels::new(3);
+        l.configure(3, ["acme"]);
+        assert_eq!(&*l.label("acme"), "acme");
+        assert_eq!(&*l.label("t1"), "t1");
+        assert_eq!(&*l.label("t2"), "t2");
+        for i in 0..10_000 {
+            assert_eq!(&*l.label(&format!("x{i}")), OTHER_TENANT);
+        }
+        assert_eq!(&*l.label("t1"), "t1");
+        assert_eq!(l.len(), 3);
+    }
+
+    /// Every advertised metric name is registered.
+    #[test]
+    fn every_metric_name_is_registered() {
+        let m = Metrics::new(Registry::new());
+        m.requests
+            .with_label_values(&["free", "default", "allowed"])
+            .inc();
+        m.throttled("acme", "free");
+        m.near_limit("acme", "free");
+        m.limiter_duration
+            .with_label_values(&["memory"])
+            .observe(0.0);
+        m.backend_errors
+            .with_label_values(&["redis", "timeout"])
+            .inc();
+        m.upstream_histogram(200).observe(0.0);
+        let text = m.render();
+        for name in METRIC_NAMES {
+            assert!(text.contains(name), "{name} missing from /metrics");
+        }
     }
 }

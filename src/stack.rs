@@ -35,6 +35,7 @@ use crate::error::ProxyError;
 use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, IP_BUCKET, Limiter, Outcome};
+use crate::policy::TierSource;
 use crate::proxy::{Upstream, UpstreamError};
 
 /// The body of every response the proxy returns.
@@ -105,10 +106,14 @@ impl Gate {
             .iter()
             .any(|n| n.contains(&peer.ip()));
 
+        let max_body = cfg.server.max_body_bytes;
         if route.is_some_and(|r| r.exempt) {
+            // No identity was established: the upstream must not see a
+            // client-supplied tenant as if tiergate had vouched for it.
             set_forwarding_headers(&mut req, peer.ip(), peer_trusted);
             req.headers_mut().remove(&X_TENANT_TIER);
-            return self.forward(req, None).await;
+            req.headers_mut().remove(&X_TENANT_ID);
+            return self.forward(req, max_body, None).await;
         }
 
         // 3. ip guard
@@ -145,7 +150,10 @@ impl Gate {
         };
 
         // 5. policy
-        let (tier, _source) = policy.resolve_tier(&identity, None);
+        let (tier, source) = policy.resolve_tier(&identity, None);
+        if identity.claimed_tier.is_some() && source != TierSource::Claim {
+            self.app.metrics.unknown_tier.inc();
+        }
         let tier_name = &cfg.tiers[tier].name;
         let buckets = policy.buckets(route_idx, tier);
 
@@ -157,6 +165,9 @@ impl Gate {
                     self.app.ip_limiter.refund(key, spec);
                 }
                 tracing::debug!(tenant = %identity.tenant, tier = %tier_name, route = route_label, bucket = %state.name, "throttled");
+                self.app
+                    .metrics
+                    .throttled(identity.tenant.as_str(), tier_name);
                 let err = ProxyError::RateLimited {
                     tenant: Some(identity.tenant.clone()),
                     tier: Some(tier_name.clone()),
@@ -173,6 +184,13 @@ impl Gate {
                 return self.refuse(ProxyError::LimiterUnavailable, tier_name, route_label, None);
             }
         };
+        if let Some(s) = &state
+            && s.remaining * 10 < s.burst as u64
+        {
+            self.app
+                .metrics
+                .near_limit(identity.tenant.as_str(), tier_name);
+        }
         let shown = match (state, ip_debit) {
             (Some(s), Some((_, _, ip_state))) if ip_state.remaining < s.remaining => Some(ip_state),
             (Some(s), _) => Some(s),
@@ -191,15 +209,15 @@ impl Gate {
         if let Ok(v) = HeaderValue::from_str(identity.tenant.as_str()) {
             h.insert(&X_TENANT_ID, v);
         }
-        self.forward(req, shown.as_ref()).await
+        self.forward(req, max_body, shown.as_ref()).await
     }
 
     async fn forward(
         &self,
         req: Request<Incoming>,
+        limit: u64,
         state: Option<&BucketState>,
     ) -> Response<ProxyBody> {
-        let limit = self.app.live.load().policy.config().server.max_body_bytes;
         let tripped = Arc::new(AtomicBool::new(false));
         let req = req.map(|b| LimitedBody::new(b, limit, tripped.clone()));
         let started = Instant::now();
