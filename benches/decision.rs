@@ -1,1 +1,328 @@
-fn main() {}
+//! Micro-benchmarks of one admission decision, piece by piece:
+//!
+//! * `identity` — header source, and HS256 JWT verification;
+//! * `policy` — route match + tier resolution + bucket lookup (10 routes,
+//!   5 tiers);
+//! * `memory` — `MemoryLimiter::check` for one tenant and across 100k
+//!   tenants (always on the admitted path: the rate is huge);
+//! * `redis` — `RedisLimiter::check` against a `redis-server` this bench
+//!   spawns on a free loopback port (skipped with a note when it is not
+//!   installed), sequentially and 64 decisions in flight per iteration.
+//!
+//! Every group reports throughput in decisions (`Throughput::Elements`).
+//!
+//! ```text
+//! cargo bench --bench decision                 # full run
+//! cargo bench --bench decision -- --quick      # a few minutes at most
+//! cargo bench --bench decision -- memory       # one group
+//! ```
+
+#[path = "e2e/procs.rs"]
+mod procs;
+
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use http::{HeaderMap, HeaderValue, Method};
+use tiergate::config::{BackendKind, Config};
+use tiergate::identity::{Identifier, Identity, IdentitySource, TenantId};
+use tiergate::limiter::{BucketSpec, Decision, MemoryLimiter, RedisLimiter};
+use tiergate::policy::Policy;
+
+const SECRET: &str = "bench-secret-0123456789abcdef";
+const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// Five tiers, ten routes (a few with per-route limits), a JWT source then
+/// a header source. `huge` is the rate of every tier: big enough that every
+/// benchmarked decision is admitted.
+fn config_yaml(backend: &str) -> String {
+    let huge = "rate: 100000000/s, burst: 1000000000";
+    format!(
+        r#"
+upstream: {{ url: "http://127.0.0.1:1" }}
+identity:
+  sources:
+    - type: jwt
+      header: authorization
+      algorithms: [HS256]
+      secret_env: BENCH_JWT_SECRET
+      tenant_claim: tenant_id
+      tier_claim: tier
+    - type: header
+      name: x-tenant-id
+{backend}
+tiers:
+  anonymous:    {{ {huge} }}
+  free:         {{ {huge} }}
+  starter:      {{ {huge} }}
+  professional: {{ {huge} }}
+  enterprise:   {{ {huge} }}
+default_tier: free
+routes:
+  - {{ name: health, match: {{ path: "/health" }}, exempt: true }}
+  - {{ name: login, match: {{ path: "/api/login", methods: [POST] }}, cost: 2 }}
+  - {{ name: search, match: {{ path_prefix: "/api/search", methods: [GET] }}, cost: 2 }}
+  - {{ name: upload, match: {{ path_prefix: "/api/upload", methods: [POST, PUT] }}, cost: 3 }}
+  - name: export
+    match: {{ path_prefix: "/api/export", methods: [POST] }}
+    cost: 5
+    limits: {{ free: {{ {huge} }}, starter: {{ {huge} }} }}
+  - {{ name: reports, match: {{ path_prefix: "/api/reports" }}, cost: 2 }}
+  - {{ name: users, match: {{ path_prefix: "/api/users", methods: [GET, POST, DELETE] }} }}
+  - {{ name: billing, match: {{ path_prefix: "/api/billing" }}, cost: 4 }}
+  - {{ name: webhooks, match: {{ path_prefix: "/api/webhooks", methods: [POST] }} }}
+  - name: orders
+    match: {{ path_prefix: "/api/orders" }}
+    limits: {{ free: {{ {huge} }}, professional: {{ {huge} }} }}
+tenants:
+  acme: {{ tier: enterprise }}
+  globex: {{ tier: starter }}
+  initech: {{ tier: professional }}
+"#
+    )
+}
+
+fn config(backend: &str) -> Config {
+    Config::from_yaml(&config_yaml(backend)).unwrap_or_else(|e| panic!("bench config: {e}"))
+}
+
+fn env(name: &str) -> Option<String> {
+    (name == "BENCH_JWT_SECRET").then(|| SECRET.to_string())
+}
+
+fn tenant(s: &str) -> TenantId {
+    TenantId::parse(s).expect("valid tenant id")
+}
+
+fn identity(c: &mut Criterion) {
+    let cfg = config("");
+    let identifier = Identifier::new(&cfg.identity, &env).expect("identifier");
+    let mut g = c.benchmark_group("identity");
+    g.throughput(Throughput::Elements(1));
+
+    let mut headers = HeaderMap::new();
+    headers.insert("x-tenant-id", HeaderValue::from_static("acme"));
+    headers.insert("accept", HeaderValue::from_static("application/json"));
+    headers.insert("user-agent", HeaderValue::from_static("bench/1.0"));
+    g.bench_function("header", |b| {
+        b.iter(|| {
+            let id = identifier.identify(black_box(&headers), CLIENT);
+            black_box(id.expect("identified"))
+        })
+    });
+
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        tenant_id: &'a str,
+        tier: &'a str,
+        exp: u64,
+        iat: u64,
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &Claims {
+            tenant_id: "acme",
+            tier: "enterprise",
+            exp: now + 24 * 3600,
+            iat: now,
+        },
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign token");
+    let mut jwt_headers = headers.clone();
+    jwt_headers.insert(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {token}")).expect("header value"),
+    );
+    let id = identifier
+        .identify(&jwt_headers, CLIENT)
+        .expect("the signed token verifies");
+    assert_eq!(id.source, IdentitySource::Jwt);
+    assert_eq!(id.claimed_tier.as_deref(), Some("enterprise"));
+    g.bench_function("jwt_hs256", |b| {
+        b.iter(|| {
+            let id = identifier.identify(black_box(&jwt_headers), CLIENT);
+            black_box(id.expect("verified"))
+        })
+    });
+    g.finish();
+}
+
+fn policy(c: &mut Criterion) {
+    let policy = Policy::new(Arc::new(config("")));
+    let id = Identity {
+        tenant: tenant("initech"),
+        claimed_tier: None,
+        source: IdentitySource::Header,
+    };
+    let mut g = c.benchmark_group("policy");
+    g.throughput(Throughput::Elements(1));
+    // Matches the 10th (last) route: the worst case of first-match-wins.
+    let method = Method::GET;
+    let path = "/api/orders/12345/items";
+    assert_eq!(policy.route(&method, path), Some(9));
+    g.bench_function("route_tier_buckets_last_route", |b| {
+        b.iter(|| {
+            let route = policy.route(black_box(&method), black_box(path));
+            let (tier, _) = policy.resolve_tier(black_box(&id), None);
+            black_box(policy.buckets(route, tier).len())
+        })
+    });
+    // No route matches: every matcher is tried, then the default plan.
+    let miss = "/v2/unmatched/path";
+    g.bench_function("route_tier_buckets_no_match", |b| {
+        b.iter(|| {
+            let route = policy.route(black_box(&method), black_box(miss));
+            let (tier, _) = policy.resolve_tier(black_box(&id), None);
+            black_box(policy.buckets(route, tier).len())
+        })
+    });
+    g.finish();
+}
+
+fn plan(policy: &Policy, method: &Method, path: &str, t: &Identity) -> Vec<BucketSpec> {
+    let route = policy.route(method, path);
+    let (tier, _) = policy.resolve_tier(t, None);
+    policy.buckets(route, tier).to_vec()
+}
+
+fn assert_allowed(d: &Decision) {
+    assert!(matches!(d, Decision::Allow { .. }), "expected Allow: {d:?}");
+}
+
+const TENANTS: usize = 100_000;
+
+fn memory(c: &mut Criterion) {
+    let policy = Policy::new(Arc::new(config("")));
+    let acme = Identity {
+        tenant: tenant("acme"),
+        claimed_tier: None,
+        source: IdentitySource::Header,
+    };
+    let one = plan(&policy, &Method::GET, "/api/users/1", &acme);
+    assert_eq!(one.len(), 1);
+    let free = Identity {
+        tenant: tenant("someone"),
+        claimed_tier: None,
+        source: IdentitySource::Header,
+    };
+    let two = plan(&policy, &Method::GET, "/api/orders/1", &free);
+    assert_eq!(two.len(), 2, "orders has a route bucket on the free tier");
+    let tenants: Vec<TenantId> = (0..TENANTS).map(|i| tenant(&format!("t{i}"))).collect();
+
+    let mut g = c.benchmark_group("memory");
+    g.throughput(Throughput::Elements(1));
+
+    let limiter = MemoryLimiter::new();
+    assert_allowed(&limiter.check(&acme.tenant, &one));
+    g.bench_function("one_tenant", |b| {
+        b.iter(|| black_box(limiter.check(black_box(&acme.tenant), &one)))
+    });
+    g.bench_function("one_tenant_two_buckets", |b| {
+        b.iter(|| black_box(limiter.check(black_box(&free.tenant), &two)))
+    });
+    assert_allowed(&limiter.check(&acme.tenant, &one));
+
+    let limiter = MemoryLimiter::new();
+    // Populate every tenant first so the measurement is the steady state
+    // of a map holding 100k tenants, not its growth.
+    for t in &tenants {
+        assert_allowed(&limiter.check(t, &one));
+    }
+    assert_eq!(limiter.len(), TENANTS);
+    let mut i = 0usize;
+    g.bench_function("100k_tenants", |b| {
+        b.iter(|| {
+            i = if i + 1 == TENANTS { 0 } else { i + 1 };
+            black_box(limiter.check(&tenants[i], &one))
+        })
+    });
+    g.finish();
+}
+
+const CONCURRENCY: usize = 64;
+
+fn redis(c: &mut Criterion) {
+    let Some(server) = procs::Redis::start() else {
+        eprintln!("note: skipping the `redis` group (no redis-server on PATH)");
+        return;
+    };
+    let backend = format!(
+        "backend:\n  type: redis\n  redis:\n    url: \"{}\"\n    timeout: 2s\n",
+        server.url()
+    );
+    let cfg = config(&backend);
+    let BackendKind::Redis(rcfg) = &cfg.backend.kind else {
+        unreachable!("redis backend configured")
+    };
+    // One current-thread runtime, like each tiergate worker.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let limiter = rt
+        .block_on(async { RedisLimiter::new(rcfg) })
+        .expect("redis limiter");
+    let policy = Policy::new(Arc::new(cfg.clone()));
+    let acme = Identity {
+        tenant: tenant("acme"),
+        claimed_tier: None,
+        source: IdentitySource::Header,
+    };
+    let one = plan(&policy, &Method::GET, "/api/users/1", &acme);
+    let tenants: Vec<TenantId> = (0..CONCURRENCY).map(|i| tenant(&format!("c{i}"))).collect();
+
+    // The connection is lazy: wait (bounded) for the first good answer.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match rt.block_on(limiter.check(&acme.tenant, &one)) {
+            Ok(d) => {
+                assert_allowed(&d);
+                break;
+            }
+            Err(e) if Instant::now() > deadline => panic!("redis never answered: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+
+    let mut g = c.benchmark_group("redis");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("sequential", |b| {
+        b.to_async(&rt).iter(|| async {
+            black_box(
+                limiter
+                    .check(black_box(&acme.tenant), &one)
+                    .await
+                    .expect("redis decision"),
+            )
+        })
+    });
+    g.throughput(Throughput::Elements(CONCURRENCY as u64));
+    g.bench_function("concurrent_64", |b| {
+        b.to_async(&rt).iter(|| async {
+            let calls = tenants.iter().map(|t| limiter.check(t, &one));
+            for d in futures_util::future::join_all(calls).await {
+                black_box(d.expect("redis decision"));
+            }
+        })
+    });
+    g.finish();
+    drop(limiter);
+    drop(rt);
+    drop(server);
+}
+
+criterion_group!(benches, identity, policy, memory, redis);
+
+fn main() {
+    procs::install_signal_handler();
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

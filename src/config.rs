@@ -61,7 +61,7 @@ impl fmt::Display for ConfigError {
 pub struct ConfigErrors {
     /// The file the errors came from, when there was one.
     pub file: Option<PathBuf>,
-    /// The errors, in document order as far as it is known.
+    /// The errors, in validation order (section by section).
     pub errors: Vec<ConfigError>,
 }
 
@@ -934,7 +934,7 @@ impl RawConfig {
             Some(name) => match tier_idx(name) {
                 Some(i) => Some(i),
                 None => {
-                    if !declared.contains(&name.as_str()) {
+                    if !declared.is_empty() && !declared.contains(&name.as_str()) {
                         c.err(
                             "default_tier",
                             format!("unknown tier `{name}`; defined tiers: {known}"),
@@ -1026,10 +1026,13 @@ impl RawConfig {
             {
                 Some(u)
             }
-            Ok(u) if u.scheme_str() == Some("https") => {
+            Ok(ref u) if u.scheme_str() == Some("https") => {
                 c.err(
                     "upstream.url",
-                    format!("`{u}`: https upstreams are not supported yet; use http://"),
+                    format!(
+                        "`{}`: https upstreams are not supported yet; use http://",
+                        self.upstream.url
+                    ),
                 );
                 None
             }
@@ -1065,7 +1068,10 @@ impl RawConfig {
             },
             Some(raw) => validate_identity(&mut c, raw),
         };
-        if identity.anonymous == Anonymous::Ip && tier_idx("anonymous").is_none() {
+        if identity.anonymous == Anonymous::Ip
+            && !declared.is_empty()
+            && !declared.contains(&"anonymous")
+        {
             c.err(
                 "identity.anonymous",
                 format!("`ip` puts anonymous clients on tier `anonymous`, which is not defined; defined tiers: {known}"),
@@ -1081,16 +1087,16 @@ impl RawConfig {
                 }
                 Some(BackendKind::Memory)
             }
-            "redis" => match &b.redis {
-                None => {
-                    c.err(
-                        "backend.redis",
-                        "required with `backend.type: redis` (give `url` or `cluster`)",
-                    );
-                    None
-                }
-                Some(r) => validate_redis(&mut c, r).map(BackendKind::Redis),
-            },
+            "redis" => {
+                let defaults = RawRedis {
+                    url: None,
+                    cluster: None,
+                    key_prefix: None,
+                    timeout: None,
+                };
+                validate_redis(&mut c, b.redis.as_ref().unwrap_or(&defaults))
+                    .map(BackendKind::Redis)
+            }
             other => {
                 c.err(
                     "backend.type",
@@ -1216,7 +1222,7 @@ impl RawConfig {
                 match tier_idx(tier) {
                     Some(t) => limits[t] = limit,
                     None => {
-                        if !declared.contains(&tier.as_str()) {
+                        if !declared.is_empty() && !declared.contains(&tier.as_str()) {
                             c.err(
                                 &lpath,
                                 format!("unknown tier `{tier}`; defined tiers: {known}"),
@@ -1254,7 +1260,7 @@ impl RawConfig {
                     tenants.insert(id.clone(), i);
                 }
                 None => {
-                    if !declared.contains(&t.tier.as_str()) {
+                    if !declared.is_empty() && !declared.contains(&t.tier.as_str()) {
                         c.err(
                             format!("{path}.tier"),
                             format!("unknown tier `{}`; defined tiers: {known}", t.tier),
@@ -1308,10 +1314,10 @@ impl RawConfig {
 
 fn validate_identity(c: &mut Check, raw: &RawIdentity) -> IdentityConfig {
     let mut sources = Vec::new();
-    if raw.sources.is_empty() {
+    if raw.sources.is_empty() && raw.anonymous.as_deref() != Some("ip") {
         c.err(
             "identity.sources",
-            "give at least one source (`jwt` or `header`)",
+            "give at least one source (`jwt` or `header`), or set `anonymous: ip` to limit by client address only",
         );
     }
     for (i, s) in raw.sources.iter().enumerate() {

@@ -218,7 +218,7 @@ impl App {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The config (or its secrets) is invalid.
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] ConfigErrors),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]

@@ -68,6 +68,19 @@ impl Gcra {
         }
     }
 
+    /// Re-expresses a TAT stored under another emission interval in this
+    /// one, keeping the *tokens in use* constant. A tier or override change
+    /// therefore takes effect at once: a larger burst frees tokens
+    /// immediately, a faster rate refills faster from now on, and a smaller
+    /// limit never hands out a fresh burst.
+    pub fn normalize(&self, tat: u64, stored_interval: u64, now: u64) -> u64 {
+        if stored_interval == self.interval || stored_interval == 0 || tat <= now {
+            return tat;
+        }
+        let used = (tat - now) as u128 * self.interval as u128 / stored_interval as u128;
+        now.saturating_add(used.min(u64::MAX as u128) as u64)
+    }
+
     /// Whole tokens left when the bucket's TAT is `tat` at `now`.
     pub fn remaining(&self, now: u64, tat: u64) -> u64 {
         let used = tat.saturating_sub(now);

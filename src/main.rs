@@ -94,7 +94,9 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    let env: Arc<tiergate::EnvFn> = Arc::new(|_: &str| Some(String::new()));
+    // Secrets come from the environment only at serve time: check with a
+    // placeholder so an unset variable is not an error here.
+    let env: Arc<tiergate::EnvFn> = Arc::new(|_: &str| Some("tiergate-check-placeholder".into()));
     let result = Config::from_file(path).and_then(|cfg| {
         // Load key files too (a bad PEM is a config error); secrets from the
         // environment are only required at serve time.
@@ -121,7 +123,13 @@ fn check(path: &std::path::Path) -> ExitCode {
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::from_file(&path)?;
     let env: Arc<tiergate::EnvFn> = Arc::new(tiergate::process_env);
-    let running = tiergate::start(config, env).await?;
+    let running = tiergate::start(config, env).await.map_err(|e| match e {
+        tiergate::StartError::Config(mut errors) => {
+            errors.file = Some(path.clone());
+            tiergate::StartError::Config(errors)
+        }
+        other => other,
+    })?;
     tracing::info!(
         proxy = %running.proxy_addr,
         admin = %running.admin_addr,

@@ -2,6 +2,8 @@
 //! Redis backend.
 //!
 //! State is one GCRA TAT (nanoseconds on a monotonic clock) per bucket,
+//! with the emission interval it was written under (see
+//! [`Gcra::normalize`]),
 //! grouped by tenant in a sharded hash map: a request locks only its
 //! tenant's shard, so all of a request's buckets are checked and debited
 //! atomically with no global lock. Idle tenants whose buckets are all full
@@ -76,8 +78,11 @@ impl Clock for ManualClock {
     }
 }
 
-/// A tenant's buckets: bucket name and TAT.
-type Entry = Vec<(Arc<str>, u64)>;
+/// One bucket's state: name, TAT, and the interval the TAT was written under.
+type Slot = (Arc<str>, u64, u64);
+
+/// A tenant's buckets.
+type Entry = Vec<Slot>;
 
 struct Shard {
     map: Mutex<HashMap<TenantId, Entry>>,
@@ -136,23 +141,39 @@ impl MemoryLimiter {
             .unwrap_or_else(|p| p.into_inner());
         let entry = map.get(tenant);
         if let Some(entry) = entry {
-            for (t, b) in tats.iter_mut().zip(buckets) {
+            for ((t, b), g) in tats.iter_mut().zip(buckets).zip(&gcras) {
                 *t = entry
                     .iter()
-                    .find(|(name, _)| **name == *b.name)
-                    .map_or(0, |(_, tat)| *tat);
+                    .find(|(name, _, _)| **name == *b.name)
+                    .map_or(0, |(_, tat, iv)| g.normalize(*tat, *iv, now));
             }
         }
         let decision = evaluate(buckets, &gcras[..n], &mut tats[..n], now, NANOS);
-        if matches!(decision, Decision::Allow { .. }) {
+        if matches!(decision, Decision::Deny { .. }) {
+            // Nothing is debited, but a TAT re-expressed under a new interval
+            // is stored so that time from now on counts at the new rate.
+            if let Some(entry) = map.get_mut(tenant) {
+                for ((b, tat), g) in buckets.iter().zip(&tats[..n]).zip(&gcras) {
+                    if let Some(slot) = entry.iter_mut().find(|(name, _, _)| **name == *b.name)
+                        && slot.2 != g.interval
+                    {
+                        slot.1 = *tat;
+                        slot.2 = g.interval;
+                    }
+                }
+            }
+        } else {
             let entry = match map.get_mut(tenant) {
                 Some(e) => e,
                 None => map.entry(tenant.clone()).or_default(),
             };
-            for (b, tat) in buckets.iter().zip(&tats[..n]) {
-                match entry.iter_mut().find(|(name, _)| **name == *b.name) {
-                    Some(slot) => slot.1 = *tat,
-                    None => entry.push((b.name.clone(), *tat)),
+            for ((b, tat), g) in buckets.iter().zip(&tats[..n]).zip(&gcras) {
+                match entry.iter_mut().find(|(name, _, _)| **name == *b.name) {
+                    Some(slot) => {
+                        slot.1 = *tat;
+                        slot.2 = g.interval;
+                    }
+                    None => entry.push((b.name.clone(), *tat, g.interval)),
                 }
             }
         }
@@ -169,9 +190,10 @@ impl MemoryLimiter {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = map.get_mut(tenant)
-            && let Some(slot) = entry.iter_mut().find(|(n, _)| **n == *bucket.name)
+            && let Some(slot) = entry.iter_mut().find(|(n, _, _)| **n == *bucket.name)
         {
-            slot.1 = slot.1.saturating_sub(g.interval * bucket.cost as u64);
+            let per_token = if slot.2 == 0 { g.interval } else { slot.2 };
+            slot.1 = slot.1.saturating_sub(per_token * bucket.cost as u64);
         }
     }
 
@@ -186,8 +208,8 @@ impl MemoryLimiter {
             .unwrap_or_else(|p| p.into_inner());
         let tat = map
             .get(tenant)
-            .and_then(|e| e.iter().find(|(n, _)| **n == *bucket.name))
-            .map_or(0, |(_, t)| *t);
+            .and_then(|e| e.iter().find(|(n, _, _)| **n == *bucket.name))
+            .map_or(0, |(_, t, iv)| g.normalize(*t, *iv, now));
         g.remaining(now, tat)
     }
 
@@ -198,7 +220,7 @@ impl MemoryLimiter {
         for shard in self.shards.iter() {
             let mut map = shard.map.lock().unwrap_or_else(|p| p.into_inner());
             let before = map.len();
-            map.retain(|_, entry| entry.iter().any(|(_, tat)| *tat > now));
+            map.retain(|_, entry| entry.iter().any(|(_, tat, _)| *tat > now));
             removed += before - map.len();
         }
         removed
@@ -306,6 +328,23 @@ mod tests {
         clock.advance(Duration::from_secs(1));
         assert_eq!(l.sweep(), 1000);
         assert!(l.is_empty());
+    }
+
+    /// Raising a limit helps at once; lowering it never grants a new burst.
+    #[test]
+    fn limit_changes_keep_tokens_in_use() {
+        let clock = Arc::new(ManualClock::new());
+        let l = MemoryLimiter::with_clock(clock.clone());
+        let t = TenantId::parse("acme").unwrap();
+        assert_eq!(admitted(&l, &t, &[spec("tenant", "1/m", 5, 1)], 10), 5);
+        // Bigger burst, same rate: 5 in use of 8.
+        assert_eq!(admitted(&l, &t, &[spec("tenant", "1/m", 8, 1)], 10), 3);
+        // Faster rate: still 8 in use, but refilling at 10/s now.
+        assert_eq!(admitted(&l, &t, &[spec("tenant", "10/s", 8, 1)], 10), 0);
+        clock.advance(Duration::from_millis(300));
+        assert_eq!(admitted(&l, &t, &[spec("tenant", "10/s", 8, 1)], 10), 3);
+        // Lower burst: all in use, nothing new.
+        assert_eq!(admitted(&l, &t, &[spec("tenant", "1/m", 2, 1)], 10), 0);
     }
 
     /// Refund undoes exactly one debit.

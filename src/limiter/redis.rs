@@ -2,8 +2,10 @@
 //!
 //! One Lua script per decision checks and debits every bucket of the request
 //! atomically, reading the Redis server's clock (`TIME`) so that replicas'
-//! clocks never enter the arithmetic. Each bucket is one string key holding
-//! its GCRA TAT in microseconds, `{prefix}:{<tenant>}:<bucket>`: the tenant
+//! clocks never enter the arithmetic. Each bucket is one string key,
+//! `{prefix}:{<tenant>}:<bucket>`, holding `<tat>:<interval>` (its GCRA TAT
+//! and the emission interval it was written under, both in microseconds;
+//! see [`Gcra::normalize`]): the tenant
 //! sits in a hash tag, so all keys of one request live on one Cluster slot,
 //! and tenant ids cannot contain `{`, `}` or `:`-ambiguity-breaking bytes
 //! (see [`TenantId`]), which keeps the key layout injective. Keys expire
@@ -38,13 +40,26 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local n = #KEYS
 local tats = {}
+local converted = {}
 local ok = true
 for i = 1, n do
   local interval = tonumber(ARGV[3 * i - 2])
   local tau = tonumber(ARGV[3 * i - 1])
   local cost = tonumber(ARGV[3 * i])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or 0)
-  if tat < now then tat = now end
+  local tat = now
+  local v = redis.call('GET', KEYS[i])
+  if v then
+    local sep = string.find(v, ':', 1, true)
+    local stored = tonumber(string.sub(v, 1, (sep or 0) - 1)) or 0
+    local stored_interval = sep and tonumber(string.sub(v, sep + 1)) or interval
+    if stored > now then
+      if stored_interval ~= interval and stored_interval > 0 then
+        stored = now + math.floor((stored - now) * interval / stored_interval)
+        converted[i] = true
+      end
+      tat = stored
+    end
+  end
   tats[i] = tat
   if tat + cost * interval - now > tau then ok = false end
 end
@@ -54,9 +69,11 @@ for i = 1, n do
   reply[i + 2] = tat
   if ok then
     tat = tat + tonumber(ARGV[3 * i]) * tonumber(ARGV[3 * i - 2])
+  end
+  if ok or converted[i] then
     local ttl = math.ceil((tat - now) / 1000)
     if ttl < 1 then ttl = 1 end
-    redis.call('SET', KEYS[i], tat, 'PX', ttl)
+    redis.call('SET', KEYS[i], string.format('%d:%d', tat, tonumber(ARGV[3 * i - 2])), 'PX', ttl)
   end
 end
 return reply
