@@ -198,6 +198,75 @@ impl Identifier {
     }
 }
 
+/// How long a verified tier claim counts as "seen recently" for the admin
+/// API's `source: claim`.
+pub const CLAIM_MEMORY: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Remembers the tier claimed by each tenant's recent verified tokens, so
+/// the admin API can say where a tenant's tier comes from. Sharded and
+/// bounded (at most 4096 tenants per shard; stale entries go first).
+pub struct RecentClaims {
+    shards: Box<
+        [std::sync::Mutex<std::collections::HashMap<TenantId, (Arc<str>, std::time::Instant)>>],
+    >,
+    hasher: std::hash::RandomState,
+}
+
+impl Default for RecentClaims {
+    fn default() -> Self {
+        RecentClaims {
+            shards: (0..64).map(|_| Default::default()).collect(),
+            hasher: std::hash::RandomState::new(),
+        }
+    }
+}
+
+impl RecentClaims {
+    const PER_SHARD: usize = 4096;
+
+    fn shard(
+        &self,
+        tenant: &TenantId,
+    ) -> &std::sync::Mutex<std::collections::HashMap<TenantId, (Arc<str>, std::time::Instant)>>
+    {
+        use std::hash::BuildHasher;
+        let h = self.hasher.hash_one(tenant.as_str()) as usize;
+        &self.shards[h % self.shards.len()]
+    }
+
+    /// Records that a verified token for `tenant` claimed `tier`.
+    pub fn record(&self, tenant: &TenantId, tier: &Arc<str>) {
+        let now = std::time::Instant::now();
+        let mut map = self.shard(tenant).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((t, seen)) = map.get_mut(tenant) {
+            if Arc::ptr_eq(t, tier) || **t == **tier {
+                if now.duration_since(*seen) > std::time::Duration::from_secs(5) {
+                    *seen = now;
+                }
+                return;
+            }
+            *t = tier.clone();
+            *seen = now;
+            return;
+        }
+        if map.len() >= Self::PER_SHARD {
+            map.retain(|_, (_, seen)| now.duration_since(*seen) < CLAIM_MEMORY);
+            if map.len() >= Self::PER_SHARD {
+                return;
+            }
+        }
+        map.insert(tenant.clone(), (tier.clone(), now));
+    }
+
+    /// The tier claimed for `tenant` within [`CLAIM_MEMORY`], if any.
+    pub fn get(&self, tenant: &TenantId) -> Option<Arc<str>> {
+        let map = self.shard(tenant).lock().unwrap_or_else(|p| p.into_inner());
+        map.get(tenant)
+            .filter(|(_, seen)| seen.elapsed() < CLAIM_MEMORY)
+            .map(|(t, _)| t.clone())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,7 @@
 //! (`main.rs`) adds the CLI, logging and signals around it.
 
 pub mod admin;
+pub mod client;
 pub mod config;
 pub mod demo;
 pub mod error;
@@ -29,6 +30,7 @@ pub mod hardening;
 pub mod identity;
 pub mod limiter;
 pub mod metrics;
+pub mod overrides;
 pub mod policy;
 pub mod proxy;
 pub mod server;
@@ -122,6 +124,17 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// Connection accounting.
     pub connections: Connections,
+    /// Admin overrides (survive reloads).
+    pub overrides: Arc<overrides::Overrides>,
+    /// Tiers claimed by recent verified tokens (admin API `source`).
+    pub claims: identity::RecentClaims,
+    /// Accepted admin bearer tokens (comma-separated in the env var, for
+    /// rotation); `None` disables `/v1`.
+    pub admin_tokens: Option<Vec<String>>,
+    /// The config file, for reloads (`None` for the demo).
+    pub config_path: Option<std::path::PathBuf>,
+    /// A Redis connection for admin reads (`remaining`), on the control runtime.
+    pub admin_redis: Option<RedisLimiter>,
     lifecycle: AtomicU8,
     env: Arc<EnvFn>,
 }
@@ -231,6 +244,9 @@ pub enum StartError {
     /// A worker could not start.
     #[error("cannot start worker: {0}")]
     Worker(String),
+    /// The override store could not be opened.
+    #[error("{0}")]
+    Store(String),
 }
 
 /// A running tiergate instance.
@@ -264,7 +280,11 @@ impl Running {
 /// Starts the proxy workers and the admin listener for `config`. Must be
 /// called inside a Tokio runtime, which then hosts the admin listener and
 /// background tasks; each proxy worker gets a thread and runtime of its own.
-pub async fn start(config: Config, env: Arc<EnvFn>) -> Result<Running, StartError> {
+pub async fn start(
+    config: Config,
+    env: Arc<EnvFn>,
+    config_path: Option<std::path::PathBuf>,
+) -> Result<Running, StartError> {
     let config = Arc::new(config);
     let live = Live::new(config.clone(), &*env)?;
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new()));
@@ -276,6 +296,25 @@ pub async fn start(config: Config, env: Arc<EnvFn>) -> Result<Running, StartErro
     let ip_limiter = Arc::new(MemoryLimiter::new());
     local.spawn_sweeper(Duration::from_secs(10));
     ip_limiter.spawn_sweeper(Duration::from_secs(10));
+    let overrides = overrides::Overrides::open(&config, metrics.clone())
+        .await
+        .map_err(|e| StartError::Store(e.to_string()))?;
+    overrides.spawn_background();
+    let admin_tokens = env(&config.admin.token_env).map(|v| {
+        v.split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+    });
+    if admin_tokens.is_none() {
+        tracing::info!(token_env = %config.admin.token_env, "admin token not set: /v1 admin API disabled");
+    }
+    let admin_redis = match &config.backend.kind {
+        BackendKind::Redis(r) => {
+            Some(RedisLimiter::new(r).map_err(|e| StartError::Store(e.to_string()))?)
+        }
+        BackendKind::Memory => None,
+    };
     let app = Arc::new(App {
         live: ArcSwap::from_pointee(live),
         health: BackendHealth::new(config.backend.on_error, metrics.clone()),
@@ -289,6 +328,11 @@ pub async fn start(config: Config, env: Arc<EnvFn>) -> Result<Running, StartErro
         },
         lifecycle: AtomicU8::new(Lifecycle::Starting as u8),
         env,
+        overrides,
+        claims: Default::default(),
+        admin_tokens,
+        config_path,
+        admin_redis,
     });
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)

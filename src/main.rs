@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use http::Method;
+use tiergate::client::AdminClient;
 use tiergate::config::Config;
 
 #[derive(Parser)]
@@ -45,6 +47,67 @@ enum Command {
     },
     /// Zero-setup demo: echo upstream, example tiers, memory backend.
     Demo,
+    /// Manage per-tenant overrides through the admin API.
+    Override {
+        #[command(flatten)]
+        admin: AdminArgs,
+        #[command(subcommand)]
+        action: OverrideAction,
+    },
+    /// Show a tenant's effective tier, limits, remaining tokens and override.
+    Tenant {
+        #[command(flatten)]
+        admin: AdminArgs,
+        /// Tenant id.
+        tenant: String,
+    },
+    /// Exit 0 when the admin listener answers /healthz (container health checks).
+    Health {
+        /// Admin API base URL.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// Admin API base URL. The token comes from $TIERGATE_ADMIN_TOKEN.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:9090")]
+    admin: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum OverrideAction {
+    /// Create or replace a tenant's override (give at least one of --tier, --rate, --burst).
+    Set {
+        /// Tenant id.
+        tenant: String,
+        /// Tier to put the tenant on.
+        #[arg(long)]
+        tier: Option<String>,
+        /// Refill rate, e.g. 100/s.
+        #[arg(long)]
+        rate: Option<String>,
+        /// Bucket capacity.
+        #[arg(long)]
+        burst: Option<i64>,
+        /// When the override stops applying (RFC 3339, e.g. 2026-12-31T00:00:00Z).
+        #[arg(long)]
+        expires: Option<String>,
+        /// Why (kept in the audit log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Remove a tenant's override.
+    Rm {
+        /// Tenant id.
+        tenant: String,
+    },
+    /// List every active override.
+    Ls,
 }
 
 fn init_logging(format: Option<LogFormat>) {
@@ -69,15 +132,25 @@ fn init_logging(format: Option<LogFormat>) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let is_server = matches!(cli.command, Command::Serve { .. } | Command::Demo);
     let result = match cli.command {
         Command::Check { config } => return check(&config),
         Command::Serve { config } => runtime().and_then(|rt| rt.block_on(serve(config))),
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo())),
+        Command::Override { admin, action } => {
+            runtime().and_then(|rt| rt.block_on(override_cmd(admin, action)))
+        }
+        Command::Tenant { admin, tenant } => {
+            runtime().and_then(|rt| rt.block_on(tenant_cmd(admin, tenant)))
+        }
+        Command::Health { admin } => runtime().and_then(|rt| rt.block_on(health(admin))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            if is_server {
+                tracing::error!("{e:#}");
+            }
             eprintln!("tiergate: {e:#}");
             ExitCode::FAILURE
         }
@@ -123,13 +196,15 @@ fn check(path: &std::path::Path) -> ExitCode {
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::from_file(&path)?;
     let env: Arc<tiergate::EnvFn> = Arc::new(tiergate::process_env);
-    let running = tiergate::start(config, env).await.map_err(|e| match e {
-        tiergate::StartError::Config(mut errors) => {
-            errors.file = Some(path.clone());
-            tiergate::StartError::Config(errors)
-        }
-        other => other,
-    })?;
+    let running = tiergate::start(config, env, Some(path.clone()))
+        .await
+        .map_err(|e| match e {
+            tiergate::StartError::Config(mut errors) => {
+                errors.file = Some(path.clone());
+                tiergate::StartError::Config(errors)
+            }
+            other => other,
+        })?;
     tracing::info!(
         proxy = %running.proxy_addr,
         admin = %running.admin_addr,
@@ -179,7 +254,7 @@ async fn demo() -> anyhow::Result<()> {
         }
     };
     let cfg = tiergate::demo::config(echo, pick("127.0.0.1:8080"), pick("127.0.0.1:9090"));
-    let running = tiergate::start(cfg, tiergate::demo::env()).await?;
+    let running = tiergate::start(cfg, tiergate::demo::env(), None).await?;
     tracing::info!(proxy = %running.proxy_addr, admin = %running.admin_addr, "ready");
     println!(
         "{}",
@@ -187,5 +262,111 @@ async fn demo() -> anyhow::Result<()> {
     );
     wait_for_signals(&running, None).await?;
     running.shutdown().await;
+    Ok(())
+}
+
+fn admin_client(url: &str) -> anyhow::Result<AdminClient> {
+    let token = std::env::var("TIERGATE_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty());
+    Ok(AdminClient::new(url, token)?)
+}
+
+/// Tenant ids go into the URL path as they are: their alphabet needs no
+/// escaping, and the server rejects anything else with a clear 400.
+fn tenant_path(tenant: &str, suffix: &str) -> String {
+    let escaped: String = tenant
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"._:@-".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    format!("/v1/tenants/{escaped}{suffix}")
+}
+
+async fn override_cmd(args: AdminArgs, action: OverrideAction) -> anyhow::Result<()> {
+    let client = admin_client(&args.admin)?;
+    match action {
+        OverrideAction::Set {
+            tenant,
+            tier,
+            rate,
+            burst,
+            expires,
+            reason,
+        } => {
+            let mut body = serde_json::Map::new();
+            let mut put = |k: &str, v: Option<serde_json::Value>| {
+                if let Some(v) = v {
+                    body.insert(k.to_string(), v);
+                }
+            };
+            put("tier", tier.map(Into::into));
+            put("rate", rate.map(Into::into));
+            put("burst", burst.map(Into::into));
+            put("expires_at", expires.map(Into::into));
+            put("reason", reason.map(Into::into));
+            let (_, v) = client
+                .call(
+                    Method::PUT,
+                    &tenant_path(&tenant, "/override"),
+                    Some(body.into()),
+                )
+                .await?;
+            if args.json {
+                println!("{v}");
+            } else {
+                print!(
+                    "{}",
+                    tiergate::client::override_rows(std::slice::from_ref(&v))
+                );
+            }
+        }
+        OverrideAction::Rm { tenant } => {
+            client
+                .call(Method::DELETE, &tenant_path(&tenant, "/override"), None)
+                .await?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "tenant": tenant, "removed": true })
+                );
+            } else {
+                println!("override for {tenant} removed");
+            }
+        }
+        OverrideAction::Ls => {
+            let (_, v) = client.call(Method::GET, "/v1/overrides", None).await?;
+            if args.json {
+                println!("{v}");
+            } else {
+                let list = v["overrides"].as_array().cloned().unwrap_or_default();
+                print!("{}", tiergate::client::override_rows(&list));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn tenant_cmd(args: AdminArgs, tenant: String) -> anyhow::Result<()> {
+    let client = admin_client(&args.admin)?;
+    let (_, v) = client
+        .call(Method::GET, &tenant_path(&tenant, ""), None)
+        .await?;
+    if args.json {
+        println!("{v}");
+    } else {
+        print!("{}", tiergate::client::tenant_view(&v));
+    }
+    Ok(())
+}
+
+async fn health(admin: String) -> anyhow::Result<()> {
+    let client = AdminClient::new(&admin, None)?;
+    client.call(Method::GET, "/healthz", None).await?;
     Ok(())
 }

@@ -8,6 +8,7 @@
 //! The bucket lists for every (route, tier) pair are built once per config,
 //! so the hot path borrows a slice instead of allocating.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use http::Method;
@@ -15,6 +16,7 @@ use http::Method;
 use crate::config::{Config, Limit, Route, TierIdx};
 use crate::identity::Identity;
 use crate::limiter::{BucketSpec, TENANT_BUCKET};
+use crate::overrides::Override;
 
 /// Where a tenant's effective tier came from (admin API `source`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +141,31 @@ impl Policy {
     /// The buckets a request on `route` (index) for a tenant on `tier` touches.
     pub fn buckets(&self, route: Option<usize>, tier: TierIdx) -> &[BucketSpec] {
         &self.plans[route.map_or(0, |r| r + 1)][tier]
+    }
+
+    /// The buckets with an admin override's rate/burst applied to the
+    /// tenant bucket; borrows the precompiled list when nothing changes.
+    pub fn buckets_with<'a>(
+        &'a self,
+        route: Option<usize>,
+        tier: TierIdx,
+        ov: Option<&Override>,
+    ) -> Cow<'a, [BucketSpec]> {
+        let base = self.buckets(route, tier);
+        match ov {
+            Some(o) if o.rate.is_some() || o.burst.is_some() => {
+                let mut v = base.to_vec();
+                v[0].limit = o.apply(v[0].limit);
+                Cow::Owned(v)
+            }
+            _ => Cow::Borrowed(base),
+        }
+    }
+
+    /// The tenant bucket's limit on `tier` with an override applied.
+    pub fn tenant_limit(&self, tier: TierIdx, ov: Option<&Override>) -> Limit {
+        let base = self.config.tiers[tier].limit;
+        ov.map_or(base, |o| o.apply(base))
     }
 
     /// Name of the tenant bucket.

@@ -35,7 +35,6 @@ use crate::error::ProxyError;
 use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, IP_BUCKET, Limiter, Outcome};
-use crate::policy::TierSource;
 use crate::proxy::{Upstream, UpstreamError};
 
 /// The body of every response the proxy returns.
@@ -150,15 +149,27 @@ impl Gate {
         };
 
         // 5. policy
-        let (tier, source) = policy.resolve_tier(&identity, None);
-        if identity.claimed_tier.is_some() && source != TierSource::Claim {
-            self.app.metrics.unknown_tier.inc();
+        let ov = self.app.overrides.get(&identity.tenant);
+        let ov_tier = ov.as_ref().and_then(|o| o.tier.as_deref()).and_then(|t| {
+            let idx = cfg.tier_index(t);
+            if idx.is_none() {
+                // Overridden to a tier a later reload removed.
+                self.app.metrics.unknown_tier.inc();
+            }
+            idx
+        });
+        let (tier, _source) = policy.resolve_tier(&identity, ov_tier);
+        if let Some(claimed) = &identity.claimed_tier {
+            match cfg.tier_index(claimed) {
+                Some(_) => self.app.claims.record(&identity.tenant, claimed),
+                None => self.app.metrics.unknown_tier.inc(),
+            }
         }
         let tier_name = &cfg.tiers[tier].name;
-        let buckets = policy.buckets(route_idx, tier);
+        let buckets = policy.buckets_with(route_idx, tier, ov.as_deref());
 
         // 6. limiter
-        let state = match self.limiter.check(&identity.tenant, buckets).await {
+        let state = match self.limiter.check(&identity.tenant, &buckets).await {
             Outcome::Decided(Decision::Allow { state }) => Some(state),
             Outcome::Decided(Decision::Deny { state, retry_after }) => {
                 if let Some((key, spec, _)) = &ip_debit {

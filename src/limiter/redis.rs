@@ -158,6 +158,43 @@ impl RedisLimiter {
         k
     }
 
+    /// Whole tokens left in one bucket, without touching it (admin reads).
+    pub async fn peek(&self, tenant: &TenantId, bucket: &BucketSpec) -> Result<u64, LimiterError> {
+        let Some(conn) = self.conn.get() else {
+            return Err(LimiterError::Unavailable("not connected".into()));
+        };
+        let g = Gcra::new(&bucket.limit, MICROS);
+        let key = Self::key(&self.prefix, tenant, &bucket.name);
+        let mut pipe = redis::pipe();
+        pipe.cmd("TIME").cmd("GET").arg(&key);
+        let call = async {
+            match conn.clone() {
+                Conn::Single(mut c) => {
+                    pipe.query_async::<((u64, u64), Option<String>)>(&mut c)
+                        .await
+                }
+                Conn::Cluster(mut c) => {
+                    pipe.query_async::<((u64, u64), Option<String>)>(&mut c)
+                        .await
+                }
+            }
+        };
+        let ((secs, micros), value) =
+            tokio::time::timeout(self.timeout.max(Duration::from_millis(500)), call)
+                .await
+                .map_err(|_| LimiterError::Timeout)?
+                .map_err(|e| LimiterError::Redis(e.to_string()))?;
+        let now = secs * 1_000_000 + micros;
+        let tat = value
+            .as_deref()
+            .and_then(|v| {
+                let (tat, iv) = v.split_once(':')?;
+                Some(g.normalize(tat.parse().ok()?, iv.parse().ok()?, now))
+            })
+            .unwrap_or(0);
+        Ok(g.remaining(now, tat))
+    }
+
     /// Checks and (if admitted) debits every bucket in one script call.
     pub async fn check(
         &self,
