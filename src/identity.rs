@@ -202,13 +202,15 @@ impl Identifier {
 /// API's `source: claim`.
 pub const CLAIM_MEMORY: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// One shard of [`RecentClaims`]: tenant → (claimed tier, last seen).
+type ClaimShard =
+    std::sync::Mutex<std::collections::HashMap<TenantId, (Arc<str>, std::time::Instant)>>;
+
 /// Remembers the tier claimed by each tenant's recent verified tokens, so
 /// the admin API can say where a tenant's tier comes from. Sharded and
 /// bounded (at most 4096 tenants per shard; stale entries go first).
 pub struct RecentClaims {
-    shards: Box<
-        [std::sync::Mutex<std::collections::HashMap<TenantId, (Arc<str>, std::time::Instant)>>],
-    >,
+    shards: Box<[ClaimShard]>,
     hasher: std::hash::RandomState,
 }
 
@@ -224,11 +226,7 @@ impl Default for RecentClaims {
 impl RecentClaims {
     const PER_SHARD: usize = 4096;
 
-    fn shard(
-        &self,
-        tenant: &TenantId,
-    ) -> &std::sync::Mutex<std::collections::HashMap<TenantId, (Arc<str>, std::time::Instant)>>
-    {
+    fn shard(&self, tenant: &TenantId) -> &ClaimShard {
         use std::hash::BuildHasher;
         let h = self.hasher.hash_one(tenant.as_str()) as usize;
         &self.shards[h % self.shards.len()]

@@ -279,6 +279,8 @@ redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
 return old or ''
 "#;
 
+// One per process: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Store {
     File {
         path: PathBuf,
