@@ -233,6 +233,7 @@ enum Backend {
 /// `/readyz` and written by every worker's [`Limiter`].
 pub struct BackendHealth {
     degraded: AtomicBool,
+    failures: std::sync::atomic::AtomicU32,
     on_error: OnError,
     metrics: Arc<Metrics>,
 }
@@ -243,6 +244,7 @@ impl BackendHealth {
         metrics.backend_degraded.set(0);
         Arc::new(BackendHealth {
             degraded: AtomicBool::new(false),
+            failures: std::sync::atomic::AtomicU32::new(0),
             on_error,
             metrics,
         })
@@ -256,6 +258,38 @@ impl BackendHealth {
     /// Whether requests can be served now (for `/readyz`).
     pub fn can_serve(&self) -> bool {
         !(self.degraded() && self.on_error == OnError::Deny)
+    }
+
+    /// Consecutive request failures that open the circuit.
+    pub const TRIP_AFTER: u32 = 3;
+
+    /// A request's Redis call failed: after [`Self::TRIP_AFTER`] in a row the
+    /// circuit opens (requests stop waiting on Redis until the probe sees it
+    /// answer again).
+    pub fn record_failure(&self, cause: &LimiterError) {
+        let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= Self::TRIP_AFTER {
+            self.set(true, Some(cause));
+        }
+    }
+
+    /// A request's Redis call succeeded.
+    pub fn record_success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The background probe's verdict: closes the circuit when Redis
+    /// answers, opens it when it does not.
+    pub fn probe_result(&self, result: Result<(), &LimiterError>) {
+        match result {
+            Ok(()) => {
+                self.failures.store(0, Ordering::Relaxed);
+                self.set(false, None);
+            }
+            Err(e) => self.set(true, Some(e)),
+        }
     }
 
     /// Records the backend's state; logs and updates the gauge once per
@@ -328,14 +362,25 @@ impl Limiter {
         self.backend_label
     }
 
+    fn fallback(&self, tenant: &TenantId, buckets: &[BucketSpec]) -> Outcome {
+        match self.on_error {
+            OnError::Local => Outcome::Decided(self.local.check(tenant, buckets)),
+            OnError::Allow => Outcome::FailOpen,
+            OnError::Deny => Outcome::Unavailable,
+        }
+    }
+
     /// Decides one request: every bucket in `buckets` (all of `tenant`).
     pub async fn check(&self, tenant: &TenantId, buckets: &[BucketSpec]) -> Outcome {
         let started = Instant::now();
         let outcome = match &self.backend {
             Backend::Memory => Outcome::Decided(self.local.check(tenant, buckets)),
+            // Circuit open: do not wait on a Redis that is known to be down;
+            // the probe closes the circuit when it answers again.
+            Backend::Redis(_) if self.health.degraded() => self.fallback(tenant, buckets),
             Backend::Redis(redis) => match redis.check(tenant, buckets).await {
                 Ok(decision) => {
-                    self.health.set(false, None);
+                    self.health.record_success();
                     Outcome::Decided(decision)
                 }
                 Err(e) => {
@@ -343,12 +388,9 @@ impl Limiter {
                         .backend_errors
                         .with_label_values(&["redis", e.kind()])
                         .inc();
-                    self.health.set(true, Some(&e));
-                    match self.on_error {
-                        OnError::Local => Outcome::Decided(self.local.check(tenant, buckets)),
-                        OnError::Allow => Outcome::FailOpen,
-                        OnError::Deny => Outcome::Unavailable,
-                    }
+                    tracing::debug!(error = %e, "redis limiter call failed");
+                    self.health.record_failure(&e);
+                    self.fallback(tenant, buckets)
                 }
             },
         };

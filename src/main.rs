@@ -195,6 +195,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 
 async fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::from_file(&path)?;
+    let signals = Signals::install()?;
     let env: Arc<tiergate::EnvFn> = Arc::new(tiergate::process_env);
     let running = tiergate::start(config, env, Some(path.clone()))
         .await
@@ -211,21 +212,42 @@ async fn serve(path: PathBuf) -> anyhow::Result<()> {
         backend = running.app.backend_name(),
         "ready"
     );
-    wait_for_signals(&running, Some(&path)).await?;
+    wait_for_signals(signals, &running, Some(&path)).await?;
     running.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// The signals tiergate handles, installed before it reports ready so that
+/// a signal sent right after `ready` is never taken with its default action.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
 /// Returns on SIGTERM or SIGINT; reloads the config on SIGHUP.
 async fn wait_for_signals(
+    signals: Signals,
     running: &tiergate::Running,
     reload_from: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
+    let Signals {
+        mut term,
+        mut int,
+        mut hup,
+    } = signals;
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); return Ok(()); }
@@ -243,6 +265,7 @@ async fn wait_for_signals(
 }
 
 async fn demo() -> anyhow::Result<()> {
+    let signals = Signals::install()?;
     let echo = tiergate::demo::start_echo()
         .await
         .context("cannot start the echo upstream")?;
@@ -260,7 +283,7 @@ async fn demo() -> anyhow::Result<()> {
         "{}",
         tiergate::demo::instructions(running.proxy_addr, running.admin_addr)
     );
-    wait_for_signals(&running, None).await?;
+    wait_for_signals(signals, &running, None).await?;
     running.shutdown().await;
     Ok(())
 }

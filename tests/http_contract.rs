@@ -150,6 +150,17 @@ async fn trusted_peer_xff_is_appended() {
         seen.header_all("x-forwarded-for"),
         vec!["203.0.113.7, 127.0.0.1"]
     );
+
+    // Without a client X-Forwarded-For, the trusted peer starts the chain.
+    let (status, _, text) = send(
+        client()
+            .get(format!("{}/who", tg.proxy_url()))
+            .header("x-tenant-id", "t1"),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let seen = up.last().expect("upstream saw the request");
+    assert_eq!(seen.header_all("x-forwarded-for"), vec!["127.0.0.1"]);
 }
 
 /// Hop-by-hop headers — those named in `Connection` and the RFC 9110 list
@@ -226,25 +237,31 @@ async fn declared_body_over_limit_is_413_before_upstream() {
 }
 
 /// A chunked body with no Content-Length is cut off once it streams past
-/// `max_body_bytes`, and the client gets 413.
+/// `max_body_bytes`, and the client gets 413 `body_too_large`.
 ///
 /// Why: SPEC §2 — the limit is enforced while streaming too, or chunked
 /// encoding would bypass it.
-#[tokio::test]
-async fn streamed_chunked_body_over_limit_is_413() {
+#[test]
+fn streamed_chunked_body_over_limit_is_413() {
     let up = Upstream::start();
     let tg = Tiergate::start(&config(&up.url(), "  max_body_bytes: 1KiB", ""));
-    let chunks: Vec<Result<Bytes, std::io::Error>> =
-        (0..64).map(|_| Ok(Bytes::from(vec![b'y'; 1024]))).collect();
-    let body = reqwest::Body::wrap_stream(futures_util::stream::iter(chunks));
-    let resp = send(
-        client()
-            .post(format!("{}/upload", tg.proxy_url()))
-            .header("x-tenant-id", "t1")
-            .body(body),
-    )
-    .await;
-    assert_tiergate_error(&resp, 413, "body_too_large");
+    let mut req = b"POST /upload HTTP/1.1\r\nHost: tiergate\r\nx-tenant-id: t1\r\n\
+        Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        .to_vec();
+    for _ in 0..64 {
+        req.extend_from_slice(b"400\r\n");
+        req.extend_from_slice(&[b'y'; 1024]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let resp = raw_http(tg.proxy_addr(), &req, Duration::from_secs(5));
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp:.500}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("x-tiergate-error: body_too_large"),
+        "{resp:.500}"
+    );
+    assert!(resp.contains(r#""error":"body_too_large""#), "{resp:.500}");
     assert!(
         up.seen().iter().all(|s| s.body_len <= 1024),
         "upstream got more than the limit: {:?}",
@@ -288,6 +305,8 @@ async fn unreachable_upstream_is_502_without_leaking_address() {
     )
     .await;
     assert_tiergate_error(&resp, 502, "bad_gateway");
+    // Admitted first, so the decision's rate-limit headers are there.
+    assert_eq!(header(&resp.1, "x-ratelimit-limit"), "100", "{:?}", resp.1);
     assert!(!resp.2.contains("127.0.0.1"), "leaks address: {}", resp.2);
 }
 
@@ -307,6 +326,8 @@ async fn slow_upstream_is_504_gateway_timeout() {
     )
     .await;
     assert_tiergate_error(&resp, 504, "gateway_timeout");
+    // Admitted first, so the decision's rate-limit headers are there.
+    assert_eq!(header(&resp.1, "x-ratelimit-limit"), "100", "{:?}", resp.1);
     assert!(!resp.2.contains("127.0.0.1"), "leaks address: {}", resp.2);
 }
 

@@ -7,6 +7,8 @@ mod common;
 
 use common::{RedisServer, Tiergate, Upstream};
 use reqwest::header::HeaderMap;
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 /// Tiers used throughout: `free` burst 3, one interval = 60 s.
@@ -412,4 +414,38 @@ async fn healthy_redis_backend_is_ready_and_not_degraded() {
             json!({"status": "ready", "backend": "redis", "degraded": false})
         )
     );
+}
+
+/// SPEC §6/§7: an outage "is visible in `/readyz`" and `/readyz` is 503
+/// "with the backend down under `on_error: deny`" — a replica started
+/// against a dead Redis must not advertise itself ready to a load balancer
+/// just because no request has failed yet.
+#[tokio::test]
+async fn dead_redis_at_start_shows_in_readyz_without_any_traffic() {
+    let upstream = Upstream::start();
+    let tg = Tiergate::start(&config(
+        &upstream.url(),
+        &format!("    url: \"{}\"\n", dead_redis_url()),
+        "deny",
+        TIERS,
+    ));
+    let http = common::client();
+    // Bounded polling: a background probe may take a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let mut last = readyz(&http, &tg).await;
+    while last.0 != 503 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = readyz(&http, &tg).await;
+    }
+    let reported = last.0 == 503;
+    assert!(
+        reported,
+        "no request sent, Redis down for 3 s: /readyz still says {last:?}\n{}",
+        tg.dump()
+    );
+    assert_eq!(
+        last.1,
+        json!({"status": "degraded", "backend": "redis", "degraded": true})
+    );
+    assert_eq!(upstream.count(), 0);
 }

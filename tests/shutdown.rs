@@ -106,7 +106,6 @@ async fn sigterm_drains_in_flight_request_then_exits_0() {
         refusing,
         "the proxy still accepts connections while draining"
     );
-    assert!(!slow.is_finished(), "the slow request ended too early");
 
     let (status, body) = tokio::time::timeout(Duration::from_secs(5), slow)
         .await

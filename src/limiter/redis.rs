@@ -158,6 +158,24 @@ impl RedisLimiter {
         k
     }
 
+    /// Checks that Redis answers within the call timeout (the health probe).
+    pub async fn ping(&self) -> Result<(), LimiterError> {
+        let Some(conn) = self.conn.get() else {
+            return Err(LimiterError::Unavailable("not connected".into()));
+        };
+        let call = async {
+            match conn.clone() {
+                Conn::Single(mut c) => redis::cmd("PING").query_async::<String>(&mut c).await,
+                Conn::Cluster(mut c) => redis::cmd("PING").query_async::<String>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(LimiterError::Timeout),
+            Ok(Err(e)) => Err(LimiterError::Unavailable(e.to_string())),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
     /// Whole tokens left in one bucket, without touching it (admin reads).
     pub async fn peek(&self, tenant: &TenantId, bucket: &BucketSpec) -> Result<u64, LimiterError> {
         let Some(conn) = self.conn.get() else {
