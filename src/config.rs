@@ -323,6 +323,8 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Drain deadline on SIGTERM.
     pub shutdown_grace: Duration,
+    /// Log one `tiergate::access` event per request.
+    pub access_log: bool,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<IpNet>,
 }
@@ -674,6 +676,7 @@ struct RawServer {
     max_body_bytes: Option<Scalar>,
     idle_timeout: Option<Scalar>,
     shutdown_grace: Option<Scalar>,
+    access_log: Option<bool>,
     #[serde(default)]
     trusted_proxies: Vec<String>,
 }
@@ -1286,6 +1289,7 @@ impl RawConfig {
                 max_body_bytes,
                 idle_timeout,
                 shutdown_grace,
+                access_log: s.access_log.unwrap_or(false),
                 trusted_proxies,
             },
             admin: AdminConfig {

@@ -35,6 +35,7 @@ pub mod policy;
 pub mod proxy;
 pub mod server;
 pub mod stack;
+pub mod top;
 
 use std::io;
 use std::net::SocketAddr;

@@ -61,6 +61,21 @@ enum Command {
         /// Tenant id.
         tenant: String,
     },
+    /// Live view of per-tier traffic, the most throttled tenants and backend state.
+    Top {
+        /// Admin API base URL.
+        #[arg(long, default_value = "http://127.0.0.1:9090")]
+        admin: String,
+        /// Refresh interval (rates are computed over it).
+        #[arg(long, default_value = "2s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+        /// Print one snapshot (two scrapes `--interval` apart) and exit.
+        #[arg(long)]
+        once: bool,
+        /// How many tenants to list.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+    },
     /// Exit 0 when the admin listener answers /healthz (container health checks).
     Health {
         /// Admin API base URL.
@@ -143,6 +158,18 @@ fn main() -> ExitCode {
         Command::Tenant { admin, tenant } => {
             runtime().and_then(|rt| rt.block_on(tenant_cmd(admin, tenant)))
         }
+        Command::Top {
+            admin,
+            interval,
+            once,
+            top,
+        } => runtime().and_then(|rt| {
+            rt.block_on(async {
+                let client = AdminClient::new(&admin, None)?;
+                tiergate::top::run(&client, &admin, interval, once, top).await?;
+                Ok(())
+            })
+        }),
         Command::Health { admin } => runtime().and_then(|rt| rt.block_on(health(admin))),
     };
     match result {
@@ -392,4 +419,12 @@ async fn health(admin: String) -> anyhow::Result<()> {
     let client = AdminClient::new(&admin, None)?;
     client.call(Method::GET, "/healthz", None).await?;
     Ok(())
+}
+
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let d = tiergate::config::parse_duration(s)?;
+    if d < std::time::Duration::from_millis(100) {
+        return Err("interval must be at least 100ms".into());
+    }
+    Ok(d)
 }

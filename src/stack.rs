@@ -74,11 +74,46 @@ impl Gate {
         }
     }
 
-    /// Handles one request from `peer`.
-    pub async fn handle(
+    /// Handles one request from `peer`, writing the access log line when
+    /// `server.access_log` is on.
+    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+        if !self.app.live.load().policy.config().server.access_log {
+            return self.decide(req, peer, &mut None).await;
+        }
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let mut record = Some(AccessRecord::default());
+        let resp = self.decide(req, peer, &mut record).await;
+        let r = record.unwrap_or_default();
+        let decision = resp
+            .headers()
+            .get(crate::error::TIERGATE_ERROR)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(if r.exempt { "exempt" } else { "allowed" });
+        tracing::info!(
+            target: "tiergate::access",
+            request_id = r.request_id.as_deref().unwrap_or("-"),
+            peer = %peer.ip(),
+            method = %method,
+            path = %path,
+            tenant = r.tenant.as_ref().map_or("-", |t| t.as_str()),
+            tier = r.tier.as_deref().unwrap_or("-"),
+            route = r.route.as_deref().unwrap_or("-"),
+            decision,
+            status = resp.status().as_u16(),
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            upstream_ms = r.upstream_ms,
+            "access"
+        );
+        resp
+    }
+
+    async fn decide(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        record: &mut Option<AccessRecord>,
     ) -> Response<ProxyBody> {
         let live = self.app.live.load();
         let policy = &live.policy;
@@ -88,6 +123,10 @@ impl Gate {
         let route_idx = policy.route(req.method(), req.uri().path());
         let route = route_idx.map(|i| &cfg.routes[i]);
         let route_label: &str = route.map_or(NO_ROUTE, |r| &r.name);
+        if let Some(r) = record.as_mut() {
+            r.route = route.map(|r| r.name.clone());
+            r.exempt = route.is_some_and(|r| r.exempt);
+        }
 
         // 2. hardening
         let declared_len = req
@@ -112,7 +151,7 @@ impl Gate {
             set_forwarding_headers(&mut req, peer.ip(), peer_trusted);
             req.headers_mut().remove(&X_TENANT_TIER);
             req.headers_mut().remove(&X_TENANT_ID);
-            return self.forward(req, max_body, None).await;
+            return self.forward(req, max_body, None, record).await;
         }
 
         // 3. ip guard
@@ -166,6 +205,10 @@ impl Gate {
             }
         }
         let tier_name = &cfg.tiers[tier].name;
+        if let Some(r) = record.as_mut() {
+            r.tenant = Some(identity.tenant.clone());
+            r.tier = Some(tier_name.clone());
+        }
         let buckets = policy.buckets_with(route_idx, tier, ov.as_deref());
 
         // 6. limiter
@@ -220,7 +263,7 @@ impl Gate {
         if let Ok(v) = HeaderValue::from_str(identity.tenant.as_str()) {
             h.insert(&X_TENANT_ID, v);
         }
-        self.forward(req, max_body, shown.as_ref()).await
+        self.forward(req, max_body, shown.as_ref(), record).await
     }
 
     async fn forward(
@@ -228,16 +271,28 @@ impl Gate {
         req: Request<Incoming>,
         limit: u64,
         state: Option<&BucketState>,
+        record: &mut Option<AccessRecord>,
     ) -> Response<ProxyBody> {
+        if let Some(r) = record.as_mut() {
+            r.request_id = req
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+        }
         let tripped = Arc::new(AtomicBool::new(false));
         let req = req.map(|b| LimitedBody::new(b, limit, tripped.clone()));
         let started = Instant::now();
         let mut resp = match self.upstream.forward(req, &tripped).await {
             Ok(resp) => {
+                let took = started.elapsed().as_secs_f64();
+                if let Some(r) = record.as_mut() {
+                    r.upstream_ms = took * 1e3;
+                }
                 self.app
                     .metrics
                     .upstream_histogram(resp.status().as_u16())
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(took);
                 resp.map(Either::Left)
             }
             Err(e) => {
@@ -280,6 +335,17 @@ impl Gate {
         }
         resp
     }
+}
+
+/// What the access log line needs from inside the request path.
+#[derive(Default)]
+struct AccessRecord {
+    request_id: Option<String>,
+    tenant: Option<TenantId>,
+    tier: Option<Arc<str>>,
+    route: Option<Arc<str>>,
+    exempt: bool,
+    upstream_ms: f64,
 }
 
 /// Sets `x-forwarded-for` (appended when the peer is a trusted proxy,
