@@ -13,6 +13,7 @@ use http_body_util::Full;
 use serde_json::json;
 
 use crate::identity::{IdentityError, TenantId};
+use crate::metrics::DecisionLabel;
 
 /// Header marking responses tiergate generated itself.
 pub const TIERGATE_ERROR: &str = "x-tiergate-error";
@@ -118,14 +119,16 @@ impl ProxyError {
     }
 
     /// The metric `decision` this response counts as.
-    pub fn decision(&self) -> &'static str {
+    pub fn decision(&self) -> DecisionLabel {
         match self {
-            ProxyError::RateLimited { .. } => "throttled",
-            ProxyError::Unauthenticated { .. } | ProxyError::InvalidToken(_) => "unauthenticated",
-            ProxyError::InvalidTenant | ProxyError::BodyTooLarge => "invalid",
+            ProxyError::RateLimited { .. } => DecisionLabel::Throttled,
+            ProxyError::Unauthenticated { .. } | ProxyError::InvalidToken(_) => {
+                DecisionLabel::Unauthenticated
+            }
+            ProxyError::InvalidTenant | ProxyError::BodyTooLarge => DecisionLabel::Invalid,
             ProxyError::BadGateway
             | ProxyError::GatewayTimeout
-            | ProxyError::LimiterUnavailable => "error",
+            | ProxyError::LimiterUnavailable => DecisionLabel::Error,
         }
     }
 

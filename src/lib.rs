@@ -73,12 +73,14 @@ pub struct Live {
     pub policy: Policy,
     /// Identity sources with loaded keys.
     pub identifier: Identifier,
+    /// `tiergate_requests_total` children for this config's tiers and routes.
+    pub counters: metrics::RequestCounters,
     tier_headers: Vec<HeaderValue>,
 }
 
 impl Live {
     /// Compiles a config; loads key material through `env`.
-    pub fn new(config: Arc<Config>, env: &EnvFn) -> Result<Live, ConfigErrors> {
+    pub fn new(config: Arc<Config>, env: &EnvFn, metrics: &Metrics) -> Result<Live, ConfigErrors> {
         let identifier = Identifier::new(&config.identity, env)
             .map_err(|errors| ConfigErrors { file: None, errors })?;
         let tier_headers = config
@@ -86,9 +88,13 @@ impl Live {
             .iter()
             .map(|t| HeaderValue::from_str(&t.name).expect("tier names are header-safe"))
             .collect();
+        let tier_names: Vec<&str> = config.tiers.iter().map(|t| &*t.name).collect();
+        let route_names: Vec<&str> = config.routes.iter().map(|r| &*r.name).collect();
+        let counters = metrics::RequestCounters::new(metrics, &tier_names, &route_names);
         Ok(Live {
             policy: Policy::new(config),
             identifier,
+            counters,
             tier_headers,
         })
     }
@@ -195,7 +201,7 @@ impl App {
         if format!("{:?}", new.backend) != format!("{:?}", old.backend) {
             restart.push("backend".to_string());
         }
-        let live = Live::new(Arc::new(new), &*self.env).map_err(|mut e| {
+        let live = Live::new(Arc::new(new), &*self.env, &self.metrics).map_err(|mut e| {
             e.file = Some(path.to_path_buf());
             e
         })?;
@@ -314,8 +320,8 @@ pub async fn start(
     config_path: Option<std::path::PathBuf>,
 ) -> Result<Running, StartError> {
     let config = Arc::new(config);
-    let live = Live::new(config.clone(), &*env)?;
     let metrics = Arc::new(Metrics::new(prometheus::Registry::new()));
+    let live = Live::new(config.clone(), &*env, &metrics)?;
     metrics.tenant_labels.configure(
         config.metrics.max_tenant_labels,
         config.tenants.keys().map(String::as_str),

@@ -320,6 +320,8 @@ pub struct Limiter {
     health: Arc<BackendHealth>,
     metrics: Arc<Metrics>,
     backend_label: &'static str,
+    /// `tiergate_limiter_duration_seconds{backend}`, resolved once.
+    duration: prometheus::Histogram,
 }
 
 impl Limiter {
@@ -334,6 +336,7 @@ impl Limiter {
             local,
             on_error: OnError::Local,
             health,
+            duration: metrics.limiter_duration.with_label_values(&["memory"]),
             metrics,
             backend_label: "memory",
         }
@@ -352,6 +355,7 @@ impl Limiter {
             local,
             on_error,
             health,
+            duration: metrics.limiter_duration.with_label_values(&["redis"]),
             metrics,
             backend_label: "redis",
         }
@@ -394,10 +398,7 @@ impl Limiter {
                 }
             },
         };
-        self.metrics
-            .limiter_duration
-            .with_label_values(&[self.backend_label])
-            .observe(started.elapsed().as_secs_f64());
+        self.duration.observe(started.elapsed().as_secs_f64());
         outcome
     }
 }

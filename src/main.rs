@@ -200,12 +200,16 @@ fn check(path: &std::path::Path) -> ExitCode {
     let result = Config::from_file(path).and_then(|cfg| {
         // Load key files too (a bad PEM is a config error); secrets from the
         // environment are only required at serve time.
-        tiergate::Live::new(Arc::new(cfg.clone()), &*env)
-            .map(|_| cfg)
-            .map_err(|mut e| {
-                e.file = Some(path.to_path_buf());
-                e
-            })
+        tiergate::Live::new(
+            Arc::new(cfg.clone()),
+            &*env,
+            &tiergate::metrics::Metrics::new(prometheus::Registry::new()),
+        )
+        .map(|_| cfg)
+        .map_err(|mut e| {
+            e.file = Some(path.to_path_buf());
+            e
+        })
     });
     match result {
         Ok(cfg) => {

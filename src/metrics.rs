@@ -67,6 +67,7 @@ pub struct Metrics {
     pub overrides: IntGauge,
     /// Bounded tenant label set.
     pub tenant_labels: TenantLabels,
+    upstream_by_class: [Histogram; 5],
     /// The registry they live on.
     pub registry: Registry,
 }
@@ -187,6 +188,8 @@ impl Metrics {
             let pc = prometheus::process_collector::ProcessCollector::for_self();
             let _ = registry.register(Box::new(pc));
         }
+        let upstream_by_class =
+            ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|c| upstream_duration.with_label_values(&[c]));
         Metrics {
             requests,
             limiter_duration,
@@ -201,6 +204,7 @@ impl Metrics {
             config_reloads,
             overrides,
             tenant_labels: TenantLabels::new(100),
+            upstream_by_class,
             registry,
         }
     }
@@ -230,16 +234,92 @@ impl Metrics {
             .inc();
     }
 
-    /// A histogram child, for callers that cache it.
-    pub fn upstream_histogram(&self, status: u16) -> Histogram {
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
+    /// The upstream latency histogram of a response status's class
+    /// (resolved once; observing is lock-free).
+    pub fn upstream_histogram(&self, status: u16) -> &Histogram {
+        let i = match status {
+            100..=199 => 0,
+            200..=299 => 1,
+            300..=399 => 2,
+            400..=499 => 3,
+            _ => 4,
         };
-        self.upstream_duration.with_label_values(&[class])
+        &self.upstream_by_class[i]
+    }
+}
+
+/// The `decision` label of `tiergate_requests_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionLabel {
+    /// Admitted.
+    Allowed = 0,
+    /// Refused by a bucket.
+    Throttled = 1,
+    /// No or invalid credentials.
+    Unauthenticated = 2,
+    /// Malformed request (tenant id, body size).
+    Invalid = 3,
+    /// tiergate or a dependency failed.
+    Error = 4,
+}
+
+impl DecisionLabel {
+    const ALL: [DecisionLabel; 5] = [
+        DecisionLabel::Allowed,
+        DecisionLabel::Throttled,
+        DecisionLabel::Unauthenticated,
+        DecisionLabel::Invalid,
+        DecisionLabel::Error,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecisionLabel::Allowed => "allowed",
+            DecisionLabel::Throttled => "throttled",
+            DecisionLabel::Unauthenticated => "unauthenticated",
+            DecisionLabel::Invalid => "invalid",
+            DecisionLabel::Error => "error",
+        }
+    }
+}
+
+/// Every `tiergate_requests_total` child for one config, resolved once so
+/// the request path counts with a plain atomic increment (no label hashing,
+/// no lock). Route slot 0 is `route="default"`; tier slot `tiers.len()` is
+/// `tier="none"`. All combinations are exported from the start, at zero.
+pub struct RequestCounters {
+    tiers: usize,
+    counters: Vec<IntCounter>,
+}
+
+impl RequestCounters {
+    /// Resolves the children for these tier and route names.
+    pub fn new(metrics: &Metrics, tiers: &[&str], routes: &[&str]) -> RequestCounters {
+        let mut counters = Vec::with_capacity((routes.len() + 1) * (tiers.len() + 1) * 5);
+        for route in std::iter::once("default").chain(routes.iter().copied()) {
+            for tier in tiers.iter().copied().chain(std::iter::once("none")) {
+                for d in DecisionLabel::ALL {
+                    counters.push(
+                        metrics
+                            .requests
+                            .with_label_values(&[tier, route, d.as_str()]),
+                    );
+                }
+            }
+        }
+        RequestCounters {
+            tiers: tiers.len(),
+            counters,
+        }
+    }
+
+    /// The counter of a route (index into the config's routes, `None` for
+    /// unmatched) and tier (`None` before the tier is known).
+    pub fn get(&self, route: Option<usize>, tier: Option<usize>, d: DecisionLabel) -> &IntCounter {
+        let route_slot = route.map_or(0, |r| r + 1);
+        let tier_slot = tier.unwrap_or(self.tiers);
+        &self.counters[(route_slot * (self.tiers + 1) + tier_slot) * 5 + d as usize]
     }
 }
 

@@ -30,12 +30,13 @@ use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
-use crate::App;
 use crate::error::ProxyError;
 use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, IP_BUCKET, Limiter, Outcome};
+use crate::metrics::DecisionLabel;
 use crate::proxy::{Upstream, UpstreamError};
+use crate::{App, Live};
 
 /// The body of every response the proxy returns.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -53,8 +54,6 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// Label for requests that matched no route.
 const NO_ROUTE: &str = "default";
-/// Tier label for requests refused before a tier was known.
-const NO_TIER: &str = "none";
 
 /// One worker's request handler: shared state plus the worker's own
 /// upstream pool and limiter connection.
@@ -135,7 +134,7 @@ impl Gate {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared_len.is_some_and(|n| n > cfg.server.max_body_bytes) {
-            return self.refuse(ProxyError::BodyTooLarge, NO_TIER, route_label, None);
+            return self.refuse(&live, ProxyError::BodyTooLarge, None, route_idx, None);
         }
         let ip = client_ip(peer, req.headers(), &cfg.server.trusted_proxies);
         let peer_trusted = cfg
@@ -172,7 +171,7 @@ impl Gate {
                         route: None,
                         retry_after,
                     };
-                    return self.refuse(err, NO_TIER, route_label, Some(&state));
+                    return self.refuse(&live, err, None, route_idx, Some(&state));
                 }
             }
         }
@@ -183,7 +182,7 @@ impl Gate {
             Ok(id) => id,
             Err(e) => {
                 let state = ip_debit.as_ref().map(|(_, _, s)| s);
-                return self.refuse(e.into(), NO_TIER, route_label, state);
+                return self.refuse(&live, e.into(), None, route_idx, state);
             }
         };
 
@@ -228,14 +227,20 @@ impl Gate {
                     route: route.map(|r| r.name.clone()),
                     retry_after,
                 };
-                return self.refuse(err, tier_name, route_label, Some(&state));
+                return self.refuse(&live, err, Some(tier), route_idx, Some(&state));
             }
             Outcome::FailOpen => None,
             Outcome::Unavailable => {
                 if let Some((key, spec, _)) = &ip_debit {
                     self.app.ip_limiter.refund(key, spec);
                 }
-                return self.refuse(ProxyError::LimiterUnavailable, tier_name, route_label, None);
+                return self.refuse(
+                    &live,
+                    ProxyError::LimiterUnavailable,
+                    Some(tier),
+                    route_idx,
+                    None,
+                );
             }
         };
         if let Some(s) = &state
@@ -250,10 +255,8 @@ impl Gate {
             (Some(s), _) => Some(s),
             (None, ip) => ip.map(|(_, _, s)| s),
         };
-        self.app
-            .metrics
-            .requests
-            .with_label_values(&[tier_name, route_label, "allowed"])
+        live.counters
+            .get(route_idx, Some(tier), DecisionLabel::Allowed)
             .inc();
 
         // 7. upstream
@@ -319,16 +322,13 @@ impl Gate {
 
     fn refuse(
         &self,
+        live: &Live,
         err: ProxyError,
-        tier: &str,
-        route: &str,
+        tier: Option<usize>,
+        route: Option<usize>,
         state: Option<&BucketState>,
     ) -> Response<ProxyBody> {
-        self.app
-            .metrics
-            .requests
-            .with_label_values(&[tier, route, err.decision()])
-            .inc();
+        live.counters.get(route, tier, err.decision()).inc();
         let mut resp = err.to_response().map(Either::Right);
         if let Some(s) = state {
             rate_limit_headers(resp.headers_mut(), s);
