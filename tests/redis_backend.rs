@@ -449,3 +449,102 @@ async fn dead_redis_at_start_shows_in_readyz_without_any_traffic() {
     );
     assert_eq!(upstream.count(), 0);
 }
+
+/// Script calls Redis has served so far (`INFO commandstats`).
+fn script_calls(redis: &RedisServer) -> u64 {
+    let info = redis.cli(&["INFO", "commandstats"]);
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| {
+            l.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// A tenant flooding far over its limit is refused from the exact local
+/// deny cache: after the first refusal per worker, its refused requests
+/// cost no Redis call, and another tenant is unaffected.
+#[tokio::test]
+async fn refused_flood_is_answered_without_redis_calls() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let tg = Tiergate::start(&config(
+        &upstream.url(),
+        &redis_lines(&redis.url()),
+        "deny",
+        TIERS,
+    ));
+    let http = common::client();
+    let url = format!("{}/flood", tg.proxy_url());
+    let statuses = common::burst(&http, &url, &[("x-tenant-id", "flooder")], 3).await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3);
+    // One refusal per worker primes each worker's cache (bounded by 8).
+    for _ in 0..8 {
+        assert_eq!(
+            send(&http, "GET", &url, &[("x-tenant-id", "flooder")])
+                .await
+                .status,
+            429
+        );
+    }
+    let before = script_calls(&redis);
+    for _ in 0..200 {
+        let r = send(&http, "GET", &url, &[("x-tenant-id", "flooder")]).await;
+        assert_eq!(r.status, 429);
+        assert_eq!(r.header("ratelimit"), Some("\"tenant\";r=0;t=180"));
+    }
+    let after = script_calls(&redis);
+    assert!(
+        after - before <= 2,
+        "refused requests reached Redis {} times",
+        after - before
+    );
+    // Other tenants still go to Redis and get their full burst.
+    let other = common::burst(&http, &url, &[("x-tenant-id", "quiet")], 5).await;
+    assert_eq!(other.iter().filter(|s| **s == 200).count(), 3);
+    assert_eq!(upstream.count(), 6);
+}
+
+/// Raising a refused tenant's limit helps at once on the redis backend: the
+/// deny cache's entries no longer match the new limit and are ignored.
+#[tokio::test]
+async fn raising_an_override_bypasses_the_deny_cache() {
+    let redis = RedisServer::start();
+    let upstream = Upstream::start();
+    let tg = Tiergate::start_with_env(
+        &config(&upstream.url(), &redis_lines(&redis.url()), "deny", TIERS),
+        &[("TIERGATE_ADMIN_TOKEN", "t0ken")],
+    );
+    let http = common::client();
+    let url = format!("{}/x", tg.proxy_url());
+    for expected in [200, 200, 200, 429, 429] {
+        assert_eq!(
+            send(&http, "GET", &url, &[("x-tenant-id", "acme")])
+                .await
+                .status,
+            expected
+        );
+    }
+    let put = http
+        .put(format!("{}/v1/tenants/acme/override", tg.admin_url()))
+        .header("authorization", "Bearer t0ken")
+        .json(&json!({ "burst": 5 }))
+        .send()
+        .await
+        .expect("admin call");
+    assert_eq!(put.status().as_u16(), 200);
+    // 3 of 5 tokens are in use: exactly 2 more now.
+    for expected in [200, 200, 429] {
+        assert_eq!(
+            send(&http, "GET", &url, &[("x-tenant-id", "acme")])
+                .await
+                .status,
+            expected
+        );
+    }
+}

@@ -91,6 +91,106 @@ pub struct RedisLimiter {
     script: redis::Script,
     prefix: String,
     timeout: Duration,
+    deny_cache: DenyCache,
+}
+
+/// The exact local deny cache. When Redis refuses a request it tells us the
+/// TATs of the request's buckets; tokens are only ever taken between now and
+/// then, so a bucket's TAT can only grow and our copy is a lower bound. A
+/// later request that this lower bound already refuses would certainly be
+/// refused by Redis too, so it is answered here, with no Redis call — a
+/// tenant flooding at 100× its limit costs Redis one call per refill, not
+/// one per request. Entries carry the bucket's (interval, tau): when an
+/// override or tier change alters the limit they no longer match and are
+/// ignored, so a raised limit helps at once. Times are mapped to the local
+/// clock from the moment the call was *sent* (before Redis read its clock),
+/// which keeps the copy a lower bound. One cache per worker (no sharing).
+struct DenyCache {
+    base: std::time::Instant,
+    entries: std::sync::Mutex<std::collections::HashMap<(TenantId, Arc<str>), CachedTat>>,
+}
+
+#[derive(Clone, Copy)]
+struct CachedTat {
+    /// TAT in microseconds on `base`'s clock.
+    tat: u64,
+    gcra: Gcra,
+}
+
+impl DenyCache {
+    const MAX_ENTRIES: usize = 65_536;
+
+    fn new() -> DenyCache {
+        DenyCache {
+            // Offset so that local "now" is never 0 (0 means "full").
+            base: std::time::Instant::now() - Duration::from_secs(1),
+            entries: Default::default(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.base.elapsed().as_micros() as u64
+    }
+
+    /// A refusal decided from cached TATs, if they already refuse.
+    fn check(&self, tenant: &TenantId, buckets: &[BucketSpec], gcras: &[Gcra]) -> Option<Decision> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.is_empty() {
+            return None;
+        }
+        let now = self.now();
+        let mut tats = [0u64; 4];
+        let mut any = false;
+        for (i, (b, g)) in buckets.iter().zip(gcras).enumerate() {
+            if let Some(c) = entries.get(&(tenant.clone(), b.name.clone()))
+                && c.gcra == *g
+                && c.tat > now
+            {
+                tats[i] = c.tat;
+                any = true;
+            }
+        }
+        drop(entries);
+        if !any {
+            return None;
+        }
+        let n = buckets.len();
+        match evaluate(buckets, gcras, &mut tats[..n], now, MICROS) {
+            d @ Decision::Deny { .. } => Some(d),
+            Decision::Allow { .. } => None,
+        }
+    }
+
+    /// Remembers the TATs Redis reported with a refusal.
+    fn remember(
+        &self,
+        tenant: &TenantId,
+        buckets: &[BucketSpec],
+        gcras: &[Gcra],
+        tats: &[u64],
+        redis_now: u64,
+        sent: u64,
+    ) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= Self::MAX_ENTRIES {
+            let now = self.now();
+            entries.retain(|_, c| c.tat > now);
+            if entries.len() >= Self::MAX_ENTRIES {
+                entries.clear();
+            }
+        }
+        for ((b, g), tat) in buckets.iter().zip(gcras).zip(tats) {
+            if *tat > redis_now {
+                entries.insert(
+                    (tenant.clone(), b.name.clone()),
+                    CachedTat {
+                        tat: sent + (tat - redis_now),
+                        gcra: *g,
+                    },
+                );
+            }
+        }
+    }
 }
 
 impl RedisLimiter {
@@ -144,6 +244,7 @@ impl RedisLimiter {
             script: redis::Script::new(SCRIPT),
             prefix: cfg.key_prefix.clone(),
             timeout,
+            deny_cache: DenyCache::new(),
         })
     }
 
@@ -219,22 +320,28 @@ impl RedisLimiter {
         tenant: &TenantId,
         buckets: &[BucketSpec],
     ) -> Result<Decision, LimiterError> {
-        let mut conn = match self.conn.get() {
-            Some(c) => c.clone(),
-            None => return Err(LimiterError::Unavailable("not connected".into())),
-        };
         let n = buckets.len();
         assert!((1..=4).contains(&n), "a request touches 1..=4 buckets");
         let mut gcras = [Gcra {
             interval: 1,
             tau: 1,
         }; 4];
-        let mut inv = self.script.prepare_invoke();
         for (g, b) in gcras.iter_mut().zip(buckets) {
             *g = Gcra::new(&b.limit, MICROS);
+        }
+        if let Some(d) = self.deny_cache.check(tenant, buckets, &gcras[..n]) {
+            return Ok(d);
+        }
+        let mut conn = match self.conn.get() {
+            Some(c) => c.clone(),
+            None => return Err(LimiterError::Unavailable("not connected".into())),
+        };
+        let mut inv = self.script.prepare_invoke();
+        for (g, b) in gcras.iter().zip(buckets) {
             inv.key(Self::key(&self.prefix, tenant, &b.name));
             inv.arg(g.interval).arg(g.tau).arg(b.cost);
         }
+        let sent = self.deny_cache.now();
         let call = async {
             match &mut conn {
                 Conn::Single(c) => inv.invoke_async::<Vec<u64>>(c).await,
@@ -263,6 +370,10 @@ impl RedisLimiter {
         let mut tats = [0u64; 4];
         tats[..n].copy_from_slice(&reply[2..]);
         let decision = evaluate(buckets, &gcras[..n], &mut tats[..n], now, MICROS);
+        if !admitted {
+            self.deny_cache
+                .remember(tenant, buckets, &gcras[..n], &tats[..n], now, sent);
+        }
         if admitted != matches!(decision, Decision::Allow { .. }) {
             // The script and `evaluate` implement one rule; disagreement
             // would be a bug, and Redis's verdict (already applied) wins.
