@@ -32,6 +32,7 @@ pub const METRIC_NAMES: &[&str] = &[
     "tiergate_active_connections",
     "tiergate_config_reloads_total",
     "tiergate_overrides",
+    "tiergate_override_reseeds_total",
 ];
 
 /// Label value of tenants beyond the bound.
@@ -65,6 +66,9 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// `tiergate_overrides`: admin overrides currently stored.
     pub overrides: IntGauge,
+    /// `tiergate_override_reseeds_total`: times this replica re-wrote the
+    /// override set into a Redis that had lost it.
+    pub override_reseeds: IntCounter,
     /// Bounded tenant label set.
     pub tenant_labels: TenantLabels,
     upstream_by_class: [Histogram; 5],
@@ -164,6 +168,11 @@ impl Metrics {
         .expect("valid metric");
         let overrides = IntGauge::new("tiergate_overrides", "Admin overrides currently stored.")
             .expect("valid metric");
+        let override_reseeds = IntCounter::new(
+            "tiergate_override_reseeds_total",
+            "Times this replica re-seeded overrides into a Redis that had lost its data.",
+        )
+        .expect("valid metric");
         for r in ["ok", "error"] {
             config_reloads.with_label_values(&[r]);
         }
@@ -174,6 +183,7 @@ impl Metrics {
             Box::new(unknown_tier.clone()),
             Box::new(config_reloads.clone()),
             Box::new(overrides.clone()),
+            Box::new(override_reseeds.clone()),
             Box::new(requests.clone()),
             Box::new(limiter_duration.clone()),
             Box::new(backend_errors.clone()),
@@ -203,6 +213,7 @@ impl Metrics {
             unknown_tier,
             config_reloads,
             overrides,
+            override_reseeds,
             tenant_labels: TenantLabels::new(100),
             upstream_by_class,
             registry,

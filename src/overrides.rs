@@ -36,7 +36,12 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::config::{Config, Limit, Rate, RedisTarget};
 use crate::identity::TenantId;
+use crate::limiter::redis::RedisConn;
 use crate::metrics::Metrics;
+
+fn not_connected() -> StoreError {
+    StoreError::Redis("not connected yet".into())
+}
 
 /// How many audit entries are kept.
 pub const AUDIT_RETENTION: usize = 1000;
@@ -281,19 +286,37 @@ return old or ''
 
 // One per process: the size difference between variants does not matter.
 #[allow(clippy::large_enum_variant)]
+/// Re-seed after Redis lost its data: KEYS = epoch marker, overrides hash;
+/// ARGV = new epoch, then tenant/doc pairs. Runs only if the marker is
+/// missing, so of all replicas noticing an empty Redis exactly one re-seeds.
+const RESEED_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+for i = 2, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
+"#;
+
 enum Store {
     File {
         path: PathBuf,
         state: Mutex<StateDoc>,
     },
     Redis {
-        conn: redis::aio::ConnectionManager,
-        /// For pub/sub (a single node is enough: Cluster broadcasts PUBLISH).
-        client: redis::Client,
+        conn: RedisConn,
+        /// One client per configured node, for pub/sub: any node will do
+        /// (a Cluster broadcasts PUBLISH), so the subscriber rotates through
+        /// them when one is down.
+        clients: Vec<redis::Client>,
         hash: String,
         audit: String,
+        epoch: String,
         channel: String,
         script: redis::Script,
+        reseed: redis::Script,
     },
 }
 
@@ -319,27 +342,28 @@ impl Overrides {
                 }
             }
             crate::config::BackendKind::Redis(r) => {
-                let url = match &r.target {
-                    RedisTarget::Single(u) => u.clone(),
-                    RedisTarget::Cluster(nodes) => nodes[0].clone(),
+                let urls = match &r.target {
+                    RedisTarget::Single(u) => vec![u.clone()],
+                    RedisTarget::Cluster(nodes) => nodes.clone(),
                 };
-                let client = redis::Client::open(url.as_str())
+                let clients = urls
+                    .iter()
+                    .map(|u| redis::Client::open(u.as_str()))
+                    .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| StoreError::Redis(e.to_string()))?;
-                let conf = redis::aio::ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(Duration::from_secs(2)))
-                    .set_connection_timeout(Some(Duration::from_secs(1)))
-                    .set_number_of_retries(1);
                 let conn =
-                    redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), conf)
+                    RedisConn::connect(&r.target, Duration::from_secs(2), Duration::from_secs(1))
                         .map_err(|e| StoreError::Redis(e.to_string()))?;
                 let p = &r.key_prefix;
                 Store::Redis {
                     conn,
-                    client,
+                    clients,
                     hash: format!("{p}:{{!admin}}:overrides"),
                     audit: format!("{p}:{{!admin}}:audit"),
+                    epoch: format!("{p}:{{!admin}}:epoch"),
                     channel: format!("{p}:overrides"),
                     script: redis::Script::new(CHANGE_SCRIPT),
+                    reseed: redis::Script::new(RESEED_SCRIPT),
                 }
             }
         };
@@ -430,7 +454,7 @@ impl Overrides {
                 Ok(s.audit.iter().take(limit).cloned().collect())
             }
             Store::Redis { conn, audit, .. } => {
-                let mut c = conn.clone();
+                let mut c = conn.get().ok_or_else(not_connected)?;
                 let raw: Vec<String> = redis::cmd("LRANGE")
                     .arg(audit)
                     .arg(0)
@@ -506,7 +530,7 @@ impl Overrides {
                 script,
                 ..
             } => {
-                let mut c = conn.clone();
+                let mut c = conn.get().ok_or_else(not_connected)?;
                 let new_json = new
                     .map(|d| serde_json::to_string(d).expect("serializable"))
                     .unwrap_or_default();
@@ -564,7 +588,10 @@ impl Overrides {
         let Store::Redis { conn, hash, .. } = &self.store else {
             return Ok(());
         };
-        let mut c = conn.clone();
+        // Never replace the set in memory with the contents of a Redis that
+        // lost its data: re-seed it first.
+        self.ensure_epoch().await;
+        let mut c = conn.get().ok_or_else(not_connected)?;
         let raw: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(hash)
             .query_async(&mut c)
@@ -582,19 +609,23 @@ impl Overrides {
     /// for both, the sweeper that deletes expired overrides.
     pub fn spawn_background(self: &Arc<Self>) {
         if let Store::Redis {
-            client, channel, ..
+            clients, channel, ..
         } = &self.store
         {
             let me = Arc::downgrade(self);
-            let client = client.clone();
+            let clients = clients.clone();
             let channel = channel.clone();
             tokio::spawn(async move {
                 let mut logged_down = false;
+                let mut next = 0usize;
                 loop {
                     let Some(this) = me.upgrade() else { return };
-                    match subscribe(&client, &channel).await {
+                    let client = &clients[next % clients.len()];
+                    next += 1;
+                    match subscribe(client, &channel).await {
                         Ok(mut pubsub) => {
-                            // Catch up on anything missed while disconnected.
+                            // Catch up on anything missed while disconnected,
+                            // and re-seed a Redis that came back empty.
                             if let Err(e) = this.reload_from_redis().await {
                                 tracing::warn!(error = %e, "override reload failed");
                             } else if logged_down {
@@ -624,12 +655,75 @@ impl Overrides {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut n: u64 = 0;
             loop {
                 tick.tick().await;
+                n += 1;
                 let Some(this) = me.upgrade() else { return };
                 this.sweep_expired().await;
+                if n % 20 == 0 {
+                    // Safety net for a subscription that hangs without
+                    // failing (also re-seeds an emptied Redis).
+                    if let Err(e) = this.reload_from_redis().await {
+                        tracing::debug!(error = %e, "periodic override reload failed");
+                    }
+                } else if n % 4 == 0 {
+                    this.ensure_epoch().await;
+                }
             }
         });
+    }
+
+    /// Makes sure Redis still holds our data: the epoch marker is written
+    /// with the first override set; when it is missing, Redis lost its
+    /// data (restarted empty, failed over to an empty replica) and the
+    /// set this replica holds in memory is written back. The script runs
+    /// only where the marker is missing, so exactly one replica re-seeds.
+    async fn ensure_epoch(&self) {
+        let Store::Redis {
+            conn,
+            epoch,
+            hash,
+            reseed,
+            ..
+        } = &self.store
+        else {
+            return;
+        };
+        let Some(mut c) = conn.get() else { return };
+        let exists: Result<bool, _> = redis::cmd("EXISTS").arg(epoch).query_async(&mut c).await;
+        if !matches!(exists, Ok(false)) {
+            return;
+        }
+        let docs: Vec<(String, String)> = self
+            .current
+            .load()
+            .iter()
+            .map(|(t, o)| {
+                (
+                    t.to_string(),
+                    serde_json::to_string(&o.to_doc()).expect("serializable"),
+                )
+            })
+            .collect();
+        let mut inv = reseed.prepare_invoke();
+        inv.key(epoch)
+            .key(hash)
+            .arg(fmt_time(OffsetDateTime::now_utc()));
+        for (t, d) in &docs {
+            inv.arg(t).arg(d);
+        }
+        match inv.invoke_async::<i64>(&mut c).await {
+            Ok(1) if !docs.is_empty() => {
+                self.metrics.override_reseeds.inc();
+                tracing::warn!(
+                    overrides = docs.len(),
+                    "redis lost its data: re-seeded overrides from memory"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "override re-seed failed; will retry"),
+        }
     }
 
     async fn sweep_expired(&self) {

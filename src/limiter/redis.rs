@@ -79,15 +79,116 @@ end
 return reply
 "#;
 
+/// A connection to a single Redis (auto-reconnecting, multiplexed) or to a
+/// Cluster (slot-aware, following MOVED/ASK), usable wherever redis-rs
+/// wants a connection.
 #[derive(Clone)]
-enum Conn {
+pub enum Conn {
+    /// One server.
     Single(ConnectionManager),
+    /// A Redis Cluster.
     Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// A Redis connection that may not exist yet: single servers connect
+/// lazily (and reconnect by themselves); a Cluster client is built in the
+/// background, retrying until the cluster answers, so that tiergate starts
+/// (and serves by `on_error`) while Redis is down.
+#[derive(Clone)]
+pub struct RedisConn(Arc<OnceCell<Conn>>);
+
+impl RedisConn {
+    /// Starts connecting to `target`. Must be called inside a Tokio runtime.
+    pub fn connect(
+        target: &RedisTarget,
+        response_timeout: Duration,
+        connect_timeout: Duration,
+    ) -> Result<RedisConn, LimiterError> {
+        let cell = Arc::new(OnceCell::new());
+        match target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(url.as_str())
+                    .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(response_timeout))
+                    .set_connection_timeout(Some(connect_timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_millis(500));
+                let manager = ConnectionManager::new_lazy_with_config(client, config)
+                    .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+                let _ = cell.set(Conn::Single(manager));
+            }
+            RedisTarget::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClient::builder(nodes.clone())
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(response_timeout)
+                    .build()
+                    .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
+                let fill = cell.clone();
+                tokio::spawn(async move {
+                    let mut warned = false;
+                    loop {
+                        match client.get_async_connection().await {
+                            Ok(c) => {
+                                let _ = fill.set(Conn::Cluster(c));
+                                tracing::info!("connected to redis cluster");
+                                return;
+                            }
+                            Err(e) => {
+                                if !warned {
+                                    tracing::warn!(error = %e, "redis cluster not reachable yet; retrying");
+                                    warned = true;
+                                }
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        Ok(RedisConn(cell))
+    }
+
+    /// The connection, once established.
+    pub fn get(&self) -> Option<Conn> {
+        self.0.get().cloned()
+    }
 }
 
 /// The Redis limiter.
 pub struct RedisLimiter {
-    conn: Arc<OnceCell<Conn>>,
+    conn: RedisConn,
     script: redis::Script,
     prefix: String,
     timeout: Duration,
@@ -198,47 +299,10 @@ impl RedisLimiter {
     /// connection exists, calls fail with [`LimiterError::Unavailable`] and
     /// the `on_error` policy decides. Must be called inside a Tokio runtime.
     pub fn new(cfg: &RedisConfig) -> Result<RedisLimiter, LimiterError> {
-        let conn = Arc::new(OnceCell::new());
         let timeout = cfg.timeout;
         // Connection attempts get a little more room than one call.
         let connect_timeout = timeout.max(Duration::from_millis(250));
-        match &cfg.target {
-            RedisTarget::Single(url) => {
-                let client = redis::Client::open(url.as_str())
-                    .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(timeout))
-                    .set_connection_timeout(Some(connect_timeout))
-                    .set_number_of_retries(1)
-                    .set_max_delay(Duration::from_millis(500));
-                let manager = ConnectionManager::new_lazy_with_config(client, config)
-                    .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
-                let _ = conn.set(Conn::Single(manager));
-            }
-            RedisTarget::Cluster(nodes) => {
-                let client = redis::cluster::ClusterClient::builder(nodes.clone())
-                    .connection_timeout(connect_timeout)
-                    .response_timeout(timeout)
-                    .build()
-                    .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
-                let cell = conn.clone();
-                tokio::spawn(async move {
-                    loop {
-                        match client.get_async_connection().await {
-                            Ok(c) => {
-                                let _ = cell.set(Conn::Cluster(c));
-                                tracing::info!("connected to redis cluster");
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "redis cluster not reachable yet; retrying");
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                            }
-                        }
-                    }
-                });
-            }
-        }
+        let conn = RedisConn::connect(&cfg.target, timeout, connect_timeout)?;
         Ok(RedisLimiter {
             conn,
             script: redis::Script::new(SCRIPT),
@@ -261,15 +325,11 @@ impl RedisLimiter {
 
     /// Checks that Redis answers within the call timeout (the health probe).
     pub async fn ping(&self) -> Result<(), LimiterError> {
-        let Some(conn) = self.conn.get() else {
+        let Some(mut conn) = self.conn.get() else {
             return Err(LimiterError::Unavailable("not connected".into()));
         };
-        let call = async {
-            match conn.clone() {
-                Conn::Single(mut c) => redis::cmd("PING").query_async::<String>(&mut c).await,
-                Conn::Cluster(mut c) => redis::cmd("PING").query_async::<String>(&mut c).await,
-            }
-        };
+        let ping = redis::cmd("PING");
+        let call = ping.query_async::<String>(&mut conn);
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(LimiterError::Timeout),
             Ok(Err(e)) => Err(LimiterError::Unavailable(e.to_string())),
