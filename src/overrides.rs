@@ -661,13 +661,13 @@ impl Overrides {
                 n += 1;
                 let Some(this) = me.upgrade() else { return };
                 this.sweep_expired().await;
-                if n % 20 == 0 {
+                if n.is_multiple_of(20) {
                     // Safety net for a subscription that hangs without
                     // failing (also re-seeds an emptied Redis).
                     if let Err(e) = this.reload_from_redis().await {
                         tracing::debug!(error = %e, "periodic override reload failed");
                     }
-                } else if n % 4 == 0 {
+                } else if n.is_multiple_of(4) {
                     this.ensure_epoch().await;
                 }
             }
