@@ -234,6 +234,9 @@ enum Backend {
 pub struct BackendHealth {
     degraded: AtomicBool,
     failures: std::sync::atomic::AtomicU32,
+    /// Bumped on every Redis failure: a Redis that failed may have lost its
+    /// data, so the workers' deny caches start over.
+    generation: std::sync::atomic::AtomicU64,
     on_error: OnError,
     metrics: Arc<Metrics>,
 }
@@ -245,6 +248,7 @@ impl BackendHealth {
         Arc::new(BackendHealth {
             degraded: AtomicBool::new(false),
             failures: std::sync::atomic::AtomicU32::new(0),
+            generation: std::sync::atomic::AtomicU64::new(0),
             on_error,
             metrics,
         })
@@ -267,6 +271,7 @@ impl BackendHealth {
     /// circuit opens (requests stop waiting on Redis until the probe sees it
     /// answer again).
     pub fn record_failure(&self, cause: &LimiterError) {
+        self.generation.fetch_add(1, Ordering::Relaxed);
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= Self::TRIP_AFTER {
             self.set(true, Some(cause));
@@ -288,8 +293,16 @@ impl BackendHealth {
                 self.failures.store(0, Ordering::Relaxed);
                 self.set(false, None);
             }
-            Err(e) => self.set(true, Some(e)),
+            Err(e) => {
+                self.generation.fetch_add(1, Ordering::Relaxed);
+                self.set(true, Some(e));
+            }
         }
+    }
+
+    /// The current failure generation (see the field's doc).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// Records the backend's state; logs and updates the gauge once per
@@ -382,21 +395,23 @@ impl Limiter {
             // Circuit open: do not wait on a Redis that is known to be down;
             // the probe closes the circuit when it answers again.
             Backend::Redis(_) if self.health.degraded() => self.fallback(tenant, buckets),
-            Backend::Redis(redis) => match redis.check(tenant, buckets).await {
-                Ok(decision) => {
-                    self.health.record_success();
-                    Outcome::Decided(decision)
+            Backend::Redis(redis) => {
+                match redis.check(tenant, buckets, self.health.generation()).await {
+                    Ok(decision) => {
+                        self.health.record_success();
+                        Outcome::Decided(decision)
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .backend_errors
+                            .with_label_values(&["redis", e.kind()])
+                            .inc();
+                        tracing::debug!(error = %e, "redis limiter call failed");
+                        self.health.record_failure(&e);
+                        self.fallback(tenant, buckets)
+                    }
                 }
-                Err(e) => {
-                    self.metrics
-                        .backend_errors
-                        .with_label_values(&["redis", e.kind()])
-                        .inc();
-                    tracing::debug!(error = %e, "redis limiter call failed");
-                    self.health.record_failure(&e);
-                    self.fallback(tenant, buckets)
-                }
-            },
+            }
         };
         self.duration.observe(started.elapsed().as_secs_f64());
         outcome

@@ -208,7 +208,14 @@ pub struct RedisLimiter {
 /// which keeps the copy a lower bound. One cache per worker (no sharing).
 struct DenyCache {
     base: std::time::Instant,
-    entries: std::sync::Mutex<std::collections::HashMap<(TenantId, Arc<str>), CachedTat>>,
+    entries: std::sync::Mutex<CacheMap>,
+}
+
+/// Cached TATs and the failure generation they were learnt in.
+#[derive(Default)]
+struct CacheMap {
+    generation: u64,
+    map: std::collections::HashMap<(TenantId, Arc<str>), CachedTat>,
 }
 
 #[derive(Clone, Copy)]
@@ -234,8 +241,21 @@ impl DenyCache {
     }
 
     /// A refusal decided from cached TATs, if they already refuse.
-    fn check(&self, tenant: &TenantId, buckets: &[BucketSpec], gcras: &[Gcra]) -> Option<Decision> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+    fn check(
+        &self,
+        tenant: &TenantId,
+        buckets: &[BucketSpec],
+        gcras: &[Gcra],
+        generation: u64,
+    ) -> Option<Decision> {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.generation != generation {
+            // Redis failed since these were learnt: it may have restarted
+            // empty, with every bucket full again.
+            guard.map.clear();
+            guard.generation = generation;
+        }
+        let entries = &guard.map;
         if entries.is_empty() {
             return None;
         }
@@ -251,7 +271,7 @@ impl DenyCache {
                 any = true;
             }
         }
-        drop(entries);
+        drop(guard);
         if !any {
             return None;
         }
@@ -272,7 +292,8 @@ impl DenyCache {
         redis_now: u64,
         sent: u64,
     ) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let entries = &mut guard.map;
         if entries.len() >= Self::MAX_ENTRIES {
             let now = self.now();
             entries.retain(|_, c| c.tat > now);
@@ -375,10 +396,13 @@ impl RedisLimiter {
     }
 
     /// Checks and (if admitted) debits every bucket in one script call.
+    /// `generation` is the backend's failure generation (see
+    /// [`super::BackendHealth`]); a change empties the deny cache.
     pub async fn check(
         &self,
         tenant: &TenantId,
         buckets: &[BucketSpec],
+        generation: u64,
     ) -> Result<Decision, LimiterError> {
         let n = buckets.len();
         assert!((1..=4).contains(&n), "a request touches 1..=4 buckets");
@@ -389,7 +413,10 @@ impl RedisLimiter {
         for (g, b) in gcras.iter_mut().zip(buckets) {
             *g = Gcra::new(&b.limit, MICROS);
         }
-        if let Some(d) = self.deny_cache.check(tenant, buckets, &gcras[..n]) {
+        if let Some(d) = self
+            .deny_cache
+            .check(tenant, buckets, &gcras[..n], generation)
+        {
             return Ok(d);
         }
         let mut conn = match self.conn.get() {
