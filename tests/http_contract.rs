@@ -454,3 +454,48 @@ fn check_on_example_config_exits_0_with_one_line_summary() {
     let lines: Vec<&str> = stdout.lines().filter(|l| !l.trim().is_empty()).collect();
     assert_eq!(lines.len(), 1, "not one line: {stdout:?}");
 }
+
+/// A WebSocket-style upgrade passes through once admitted: the client gets
+/// the upstream's 101 and the two connections are spliced, bytes echoing
+/// both ways; an upgrade from a tenant over its limit never reaches the
+/// upstream.
+#[test]
+fn admitted_upgrade_is_spliced_through() {
+    use std::io::{Read, Write};
+    let upstream = Upstream::start();
+    let yaml = config(&upstream.url(), "", "").replace("burst: 100", "burst: 1");
+    let tg = Tiergate::start(&yaml);
+    let mut s = std::net::TcpStream::connect(tg.proxy_addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: x\r\nx-tenant-id: bob\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut buf = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = s.read(&mut buf).expect("read response head");
+        assert!(
+            n > 0,
+            "closed before the response head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(buf[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    assert!(head.contains("x-ratelimit-remaining: 0"), "{head}");
+    s.write_all(b"ping-over-upgrade").unwrap();
+    let mut echoed = [0u8; 17];
+    s.read_exact(&mut echoed).expect("echo through the splice");
+    assert_eq!(&echoed, b"ping-over-upgrade");
+    // The tenant's only token is spent: a second upgrade is refused here.
+    let refused = raw_http(
+        tg.proxy_addr(),
+        b"GET /ws HTTP/1.1\r\nhost: x\r\nx-tenant-id: bob\r\nconnection: upgrade, close\r\nupgrade: websocket\r\n\r\n",
+        Duration::from_secs(2),
+    );
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert_eq!(upstream.count(), 1);
+}
