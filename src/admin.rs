@@ -348,15 +348,9 @@ async fn put_override(
             "empty body: send a JSON object with at least one of `tier`, `rate`, `burst`",
         );
     }
-    let request: OverrideRequest = match serde_json::from_slice(&body) {
+    let request = match parse_override_request(&body) {
         Ok(r) => r,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_override",
-                format!("malformed override JSON: {e}"),
-            );
-        }
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "invalid_override", msg),
     };
     let now = time::OffsetDateTime::now_utc();
     let ov = match request.validate(app.live.load().policy.config(), now) {
@@ -370,6 +364,35 @@ async fn put_override(
         }
         Err(e) => store_error(e),
     }
+}
+
+/// Parses the override body with messages that name the offending field.
+fn parse_override_request(body: &[u8]) -> Result<OverrideRequest, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("malformed override JSON: {e}"))?;
+    let Some(obj) = value.as_object() else {
+        return Err("the body must be a JSON object like {\"tier\": \"enterprise\"}".into());
+    };
+    for (key, v) in obj {
+        let ok = match key.as_str() {
+            "tier" | "rate" | "expires_at" | "reason" => v.is_string() || v.is_null(),
+            "burst" => v.is_i64() || v.is_u64() || v.is_null(),
+            _ => {
+                return Err(format!(
+                    "unknown field `{key}`; expected `tier`, `rate`, `burst`, `expires_at` or `reason`"
+                ));
+            }
+        };
+        if !ok {
+            let want = if key == "burst" {
+                "a whole number"
+            } else {
+                "a string"
+            };
+            return Err(format!("field `{key}` must be {want}, got {v}"));
+        }
+    }
+    serde_json::from_value(value).map_err(|e| format!("invalid override: {e}"))
 }
 
 async fn delete_override(app: &App, tenant: &TenantId, actor: &str) -> Response<Full<Bytes>> {

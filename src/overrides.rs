@@ -626,9 +626,29 @@ impl Overrides {
                         Ok(mut pubsub) => {
                             // Catch up on anything missed while disconnected,
                             // and re-seed a Redis that came back empty.
-                            if let Err(e) = this.reload_from_redis().await {
-                                tracing::warn!(error = %e, "override reload failed");
-                            } else if logged_down {
+                            // The first call on a connection that was cut may
+                            // fail while it reconnects: retry briefly, well
+                            // within the one-second propagation promise.
+                            let mut caught_up = false;
+                            for _ in 0..8 {
+                                match this.reload_from_redis().await {
+                                    Ok(()) => {
+                                        caught_up = true;
+                                        break;
+                                    }
+                                    Err(e) => {
+                                        tracing::debug!(error = %e, "override catch-up reload failed; retrying");
+                                        tokio::time::sleep(Duration::from_millis(100)).await;
+                                    }
+                                }
+                            }
+                            if !caught_up {
+                                tracing::warn!(
+                                    "override catch-up reload keeps failing; resubscribing"
+                                );
+                                continue;
+                            }
+                            if logged_down {
                                 tracing::info!("override sync reconnected; full set reloaded");
                                 logged_down = false;
                             }

@@ -98,7 +98,7 @@ impl Gate {
             path = %path,
             tenant = r.tenant.as_ref().map_or("-", |t| t.as_str()),
             tier = r.tier.as_deref().unwrap_or("-"),
-            route = r.route.as_deref().unwrap_or("-"),
+            route = r.route.as_deref().unwrap_or(NO_ROUTE),
             decision,
             status = resp.status().as_u16(),
             duration_ms = started.elapsed().as_secs_f64() * 1e3,
@@ -125,6 +125,12 @@ impl Gate {
         if let Some(r) = record.as_mut() {
             r.route = route.map(|r| r.name.clone());
             r.exempt = route.is_some_and(|r| r.exempt);
+            // The client's id, so refused requests can be found by it too.
+            r.request_id = req
+                .headers()
+                .get(&X_REQUEST_ID)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
         }
 
         // 2. hardening
