@@ -94,11 +94,6 @@ pub async fn run_worker(
 
     loop {
         while tasks.try_join_next().is_some() {}
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s) => break,
-            p = app.connections.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
-        };
         let (stream, peer) = tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s) => break,
@@ -116,6 +111,18 @@ pub async fn run_worker(
             tracing::debug!(peer = %peer.ip(), "max_connections_per_ip reached; refusing");
             drop(stream);
             continue;
+        };
+        // Beyond `max_connections` the accepted connection waits here (and
+        // this worker stops accepting) until another one closes. Taking the
+        // permit after accepting keeps idle workers from holding permits
+        // that connections queued on another worker's socket need.
+        let permit = match app.connections.permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|s| *s) => break,
+                p = app.connections.permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            },
         };
         let _ = stream.set_nodelay(true);
         let app2 = app.clone();

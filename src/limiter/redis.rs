@@ -430,9 +430,17 @@ impl RedisLimiter {
         }
         let sent = self.deny_cache.now();
         let call = async {
-            match &mut conn {
-                Conn::Single(c) => inv.invoke_async::<Vec<u64>>(c).await,
-                Conn::Cluster(c) => inv.invoke_async::<Vec<u64>>(c).await,
+            let first = inv.invoke_async::<Vec<u64>>(&mut conn).await;
+            match first {
+                // A connection that broke while the circuit was open (or
+                // idle) fails its first call while it reconnects: retry
+                // once, within the same deadline. Should the connection
+                // have dropped after Redis ran the script, the retry takes
+                // one token more than it should: it errs on the strict side.
+                Err(e) if e.is_io_error() || e.is_connection_dropped() => {
+                    inv.invoke_async::<Vec<u64>>(&mut conn).await
+                }
+                other => other,
             }
         };
         let reply = match tokio::time::timeout(self.timeout, call).await {

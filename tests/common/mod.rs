@@ -12,6 +12,8 @@
 //! Not every test file uses every item, hence the crate-level allows below.
 #![allow(dead_code, unused_imports)]
 
+/// The fault-injecting TCP proxy.
+mod fault;
 /// HTTP client helpers.
 mod http;
 /// Throw-away `redis-server` processes.
@@ -20,6 +22,7 @@ mod redis_server;
 mod tiergate_bin;
 /// The recording origin server.
 mod upstream;
+pub use fault::*;
 
 /// HTTP client helpers: reqwest client, bursts, raw TCP, h2c.
 pub use http::{burst, client, h2c_request, raw_http};
