@@ -46,6 +46,16 @@ impl TenantId {
         }
     }
 
+    /// Validates a tenant id presented by a client (header or token): the
+    /// `ip:` prefix is reserved for anonymous tenants, so that nobody can
+    /// spend another client's anonymous bucket by naming it.
+    pub fn parse_claimed(s: &str) -> Result<TenantId, IdentityError> {
+        if s.starts_with("ip:") {
+            return Err(IdentityError::InvalidTenant);
+        }
+        Self::parse(s)
+    }
+
     /// The anonymous tenant of a client address, `ip:<addr>`.
     pub fn for_ip(ip: IpAddr) -> TenantId {
         TenantId(Arc::from(format!("ip:{ip}")))
@@ -165,7 +175,7 @@ impl Identifier {
                 Source::Jwt(jwt) => {
                     if let Some(value) = headers.get(jwt.header()) {
                         let claims = jwt.verify(value).map_err(IdentityError::InvalidToken)?;
-                        let tenant = TenantId::parse(&claims.tenant)?;
+                        let tenant = TenantId::parse_claimed(&claims.tenant)?;
                         return Ok(Identity {
                             tenant,
                             claimed_tier: claims.tier.map(Arc::from),
@@ -177,7 +187,7 @@ impl Identifier {
                     if let Some(value) = headers.get(name) {
                         let text = value.to_str().map_err(|_| IdentityError::InvalidTenant)?;
                         return Ok(Identity {
-                            tenant: TenantId::parse(text)?,
+                            tenant: TenantId::parse_claimed(text)?,
                             claimed_tier: None,
                             source: IdentitySource::Header,
                         });
@@ -268,6 +278,13 @@ impl RecentClaims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `ip:` ids belong to anonymous clients only.
+    #[test]
+    fn clients_cannot_claim_anonymous_ids() {
+        assert!(TenantId::parse_claimed("ip:1.2.3.4").is_err());
+        assert!(TenantId::parse_claimed("acme:ip:1").is_ok());
+    }
 
     #[test]
     fn tenant_alphabet_is_enforced() {

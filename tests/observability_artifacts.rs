@@ -105,7 +105,7 @@ struct Exported {
 fn exported() -> Exported {
     let m = Metrics::new(prometheus::Registry::new());
     let mut labels = BTreeMap::new();
-    let collectors: [&dyn Collector; 12] = [
+    let collectors: [&dyn Collector; 13] = [
         &m.requests,
         &m.limiter_duration,
         &m.backend_errors,
@@ -118,6 +118,7 @@ fn exported() -> Exported {
         &m.unknown_tier,
         &m.config_reloads,
         &m.overrides,
+        &m.override_reseeds,
     ];
     for c in collectors {
         for d in c.desc() {
