@@ -49,6 +49,7 @@ pub struct Policy {
     /// `plans[route_slot][tier]`; route slot 0 is "no route matched".
     plans: Vec<Vec<Vec<BucketSpec>>>,
     tenant_bucket: Arc<str>,
+    ip_bucket: Option<BucketSpec>,
 }
 
 impl Policy {
@@ -66,10 +67,16 @@ impl Policy {
                 .collect();
             plans.push(per_tier);
         }
+        let ip_bucket = config.server.ip_limit.map(|limit| BucketSpec {
+            name: Arc::from(crate::limiter::IP_BUCKET),
+            limit,
+            cost: 1,
+        });
         Policy {
             config,
             plans,
             tenant_bucket,
+            ip_bucket,
         }
     }
 
@@ -166,6 +173,11 @@ impl Policy {
     pub fn tenant_limit(&self, tier: TierIdx, ov: Option<&Override>) -> Limit {
         let base = self.config.tiers[tier].limit;
         ov.map_or(base, |o| o.apply(base))
+    }
+
+    /// The per-client-IP bucket, when `server.ip_limit` is set.
+    pub fn ip_bucket(&self) -> Option<&BucketSpec> {
+        self.ip_bucket.as_ref()
     }
 
     /// Name of the tenant bucket.

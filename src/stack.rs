@@ -33,7 +33,7 @@ use hyper::body::Incoming;
 use crate::error::ProxyError;
 use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
-use crate::limiter::{BucketSpec, BucketState, Decision, IP_BUCKET, Limiter, Outcome};
+use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
 use crate::proxy::{Upstream, UpstreamError};
 use crate::{App, Live};
@@ -160,15 +160,10 @@ impl Gate {
         }
 
         // 3. ip guard
-        let mut ip_debit: Option<(TenantId, BucketSpec, BucketState)> = None;
-        if let Some(limit) = cfg.server.ip_limit {
+        let mut ip_debit: Option<(TenantId, &BucketSpec, BucketState)> = None;
+        if let Some(spec) = policy.ip_bucket() {
             let key = TenantId::for_ip(ip);
-            let spec = BucketSpec {
-                name: Arc::from(IP_BUCKET),
-                limit,
-                cost: 1,
-            };
-            match self.app.ip_limiter.check(&key, std::slice::from_ref(&spec)) {
+            match self.app.ip_limiter.check(&key, std::slice::from_ref(spec)) {
                 Decision::Allow { state } => ip_debit = Some((key, spec, state)),
                 Decision::Deny { state, retry_after } => {
                     let err = ProxyError::RateLimited {
