@@ -241,12 +241,12 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigErrors),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {cause}")]
     Bind {
         /// The address.
         addr: SocketAddr,
         /// The OS error.
-        source: io::Error,
+        cause: io::Error,
     },
     /// A worker could not start.
     #[error("cannot start worker: {0}")]
@@ -371,29 +371,29 @@ pub async fn start(
 
     let admin_listener = tokio::net::TcpListener::bind(config.admin.listen)
         .await
-        .map_err(|source| StartError::Bind {
+        .map_err(|cause| StartError::Bind {
             addr: config.admin.listen,
-            source,
+            cause,
         })?;
     let admin_addr = admin_listener
         .local_addr()
-        .map_err(|source| StartError::Bind {
+        .map_err(|cause| StartError::Bind {
             addr: config.admin.listen,
-            source,
+            cause,
         })?;
 
     let workers_n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let listeners = server::bind_workers(config.server.listen, workers_n).map_err(|source| {
+    let listeners = server::bind_workers(config.server.listen, workers_n).map_err(|cause| {
         StartError::Bind {
             addr: config.server.listen,
-            source,
+            cause,
         }
     })?;
     let proxy_addr = listeners[0]
         .local_addr()
-        .map_err(|source| StartError::Bind {
+        .map_err(|cause| StartError::Bind {
             addr: config.server.listen,
-            source,
+            cause,
         })?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

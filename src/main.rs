@@ -300,15 +300,23 @@ async fn demo() -> anyhow::Result<()> {
     let echo = tiergate::demo::start_echo()
         .await
         .context("cannot start the echo upstream")?;
-    let pick = |preferred: &str| -> SocketAddr {
-        let addr: SocketAddr = preferred.parse().expect("valid address");
-        match std::net::TcpListener::bind(addr) {
-            Ok(_) => addr,
-            Err(_) => "127.0.0.1:0".parse().expect("valid address"),
+    // The usual ports when they are free, any free port otherwise.
+    let mut listen: SocketAddr = "127.0.0.1:8080".parse().expect("valid address");
+    let mut admin: SocketAddr = "127.0.0.1:9090".parse().expect("valid address");
+    let any: SocketAddr = "127.0.0.1:0".parse().expect("valid address");
+    let running = loop {
+        let cfg = tiergate::demo::config(echo, listen, admin);
+        match tiergate::start(cfg, tiergate::demo::env(), None).await {
+            Ok(r) => break r,
+            Err(tiergate::StartError::Bind { addr, .. }) if addr == listen && listen != any => {
+                listen = any
+            }
+            Err(tiergate::StartError::Bind { addr, .. }) if addr == admin && admin != any => {
+                admin = any
+            }
+            Err(e) => return Err(e.into()),
         }
     };
-    let cfg = tiergate::demo::config(echo, pick("127.0.0.1:8080"), pick("127.0.0.1:9090"));
-    let running = tiergate::start(cfg, tiergate::demo::env(), None).await?;
     tracing::info!(proxy = %running.proxy_addr, admin = %running.admin_addr, "ready");
     println!(
         "{}",
