@@ -170,23 +170,25 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The fields of an override, in display order.
+const OVERRIDE_FIELDS: [&str; 6] = [
+    "tier",
+    "rate",
+    "burst",
+    "expires_at",
+    "reason",
+    "updated_at",
+];
+
 /// One override row for `override ls` / `override set`.
 pub fn override_rows(list: &[Value]) -> String {
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|o| {
-            [
-                "tenant",
-                "tier",
-                "rate",
-                "burst",
-                "expires_at",
-                "reason",
-                "updated_at",
-            ]
-            .iter()
-            .map(|k| text(o.get(*k).unwrap_or(&Value::Null)))
-            .collect()
+            std::iter::once("tenant")
+                .chain(OVERRIDE_FIELDS)
+                .map(|k| text(o.get(k).unwrap_or(&Value::Null)))
+                .collect()
         })
         .collect();
     table(
@@ -216,14 +218,7 @@ pub fn tenant_view(v: &Value) -> String {
     match v.get("override") {
         Some(o) if !o.is_null() => {
             out.push_str("override\n");
-            for k in [
-                "tier",
-                "rate",
-                "burst",
-                "expires_at",
-                "reason",
-                "updated_at",
-            ] {
+            for k in OVERRIDE_FIELDS {
                 if let Some(x) = o.get(k).filter(|x| !x.is_null()) {
                     out.push_str(&format!("  {k:<11}{}\n", text(x)));
                 }

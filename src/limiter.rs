@@ -418,20 +418,25 @@ impl Limiter {
     }
 }
 
+/// A bucket from text, for tests: `test_bucket("tenant", "1/m", 5, 1)`.
+#[cfg(test)]
+pub(crate) fn test_bucket(name: &str, rate: &str, burst: u32, cost: u32) -> BucketSpec {
+    BucketSpec {
+        name: Arc::from(name),
+        limit: Limit {
+            rate: crate::config::Rate::parse(rate).unwrap(),
+            burst,
+        },
+        cost,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Rate;
 
     fn bucket(name: &str, rate: &str, burst: u32, cost: u32) -> BucketSpec {
-        BucketSpec {
-            name: Arc::from(name),
-            limit: Limit {
-                rate: Rate::parse(rate).unwrap(),
-                burst,
-            },
-            cost,
-        }
+        test_bucket(name, rate, burst, cost)
     }
 
     #[test]

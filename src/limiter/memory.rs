@@ -267,18 +267,7 @@ impl Default for MemoryLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Limit, Rate};
-
-    fn spec(name: &str, rate: &str, burst: u32, cost: u32) -> BucketSpec {
-        BucketSpec {
-            name: Arc::from(name),
-            limit: Limit {
-                rate: Rate::parse(rate).unwrap(),
-                burst,
-            },
-            cost,
-        }
-    }
+    use crate::limiter::test_bucket as spec;
 
     fn admitted(l: &MemoryLimiter, t: &TenantId, b: &[BucketSpec], n: usize) -> usize {
         (0..n)
