@@ -435,6 +435,10 @@ pub struct Config {
 impl Config {
     /// Parses and validates a YAML document.
     pub fn from_yaml(text: &str) -> Result<Config, ConfigErrors> {
+        guard_yaml(text).map_err(|e| ConfigErrors {
+            file: None,
+            errors: vec![e],
+        })?;
         let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigErrors {
             file: None,
             errors: vec![yaml_error(&e)],
@@ -477,6 +481,70 @@ impl Config {
             self.upstream.url
         )
     }
+}
+
+/// Largest config document accepted.
+const MAX_CONFIG_BYTES: usize = 1 << 20;
+/// Deepest `[`/`{` nesting accepted.
+const MAX_FLOW_DEPTH: usize = 32;
+
+/// Refuses, before the YAML parser sees them, the constructs whose parsing
+/// cost grows faster than the document: anchors and aliases (an alias
+/// fan-out is quadratic in size, and a config never needs them), deep flow
+/// nesting (quadratic in the scanner), and huge documents. Found by fuzzing
+/// (docs/FUZZING.md).
+fn guard_yaml(text: &str) -> Result<(), ConfigError> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Err(ConfigError::new(
+            "(document)",
+            format!("the config is {} bytes; the limit is 1 MiB", text.len()),
+        ));
+    }
+    let mut depth = 0usize;
+    for (n, line) in text.lines().enumerate() {
+        let mut quote: Option<char> = None;
+        let mut prev = ' ';
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            match quote {
+                Some(q) => {
+                    if c == q {
+                        quote = None;
+                    }
+                }
+                None => match c {
+                    '"' | '\'' if matches!(prev, ' ' | ':' | '[' | '{' | ',' | '-') => quote = Some(c),
+                    '#' if prev == ' ' || prev == '\t' => break,
+                    '[' | '{' => {
+                        depth += 1;
+                        if depth > MAX_FLOW_DEPTH {
+                            return Err(ConfigError {
+                                path: "(document)".into(),
+                                line: Some(n + 1),
+                                message: format!(
+                                    "`[`/`{{` nested deeper than {MAX_FLOW_DEPTH} levels"
+                                ),
+                            });
+                        }
+                    }
+                    ']' | '}' => depth = depth.saturating_sub(1),
+                    '&' | '*'
+                        if matches!(prev, ' ' | ':' | '[' | '{' | ',' | '-' | '\t')
+                            && chars.peek().is_some_and(|n| n.is_alphanumeric() || *n == '_') =>
+                    {
+                        return Err(ConfigError {
+                            path: "(document)".into(),
+                            line: Some(n + 1),
+                            message: "YAML anchors (`&name`, `*name`) are not supported in tiergate configs: write values out in full".into(),
+                        });
+                    }
+                    _ => {}
+                },
+            }
+            prev = c;
+        }
+    }
+    Ok(())
 }
 
 fn yaml_error(e: &serde_yaml::Error) -> ConfigError {
@@ -650,8 +718,9 @@ mod indexmap_like {
                     mut map: A,
                 ) -> Result<Self::Value, A::Error> {
                     let mut out: Vec<(String, V)> = Vec::new();
+                    let mut seen = std::collections::HashSet::new();
                     while let Some((k, v)) = map.next_entry::<String, V>()? {
-                        if out.iter().any(|(existing, _)| *existing == k) {
+                        if !seen.insert(k.clone()) {
                             return Err(serde::de::Error::custom(format!("duplicate key `{k}`")));
                         }
                         out.push((k, v));
