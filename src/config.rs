@@ -513,7 +513,9 @@ fn guard_yaml(text: &str) -> Result<(), ConfigError> {
                     }
                 }
                 None => match c {
-                    '"' | '\'' if matches!(prev, ' ' | ':' | '[' | '{' | ',' | '-') => quote = Some(c),
+                    '"' | '\'' if matches!(prev, ' ' | ':' | '[' | '{' | ',' | '-') => {
+                        quote = Some(c)
+                    }
                     '#' if prev == ' ' || prev == '\t' => break,
                     '[' | '{' => {
                         depth += 1;
@@ -530,7 +532,9 @@ fn guard_yaml(text: &str) -> Result<(), ConfigError> {
                     ']' | '}' => depth = depth.saturating_sub(1),
                     '&' | '*'
                         if matches!(prev, ' ' | ':' | '[' | '{' | ',' | '-' | '\t')
-                            && chars.peek().is_some_and(|n| n.is_alphanumeric() || *n == '_') =>
+                            && chars
+                                .peek()
+                                .is_some_and(|n| n.is_alphanumeric() || *n == '_') =>
                     {
                         return Err(ConfigError {
                             path: "(document)".into(),
