@@ -293,6 +293,9 @@ fn spawn_probe(app: &Arc<App>) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The first tick is immediate: skip it, so that a connection still
+        // being set up at start-up is not reported as an outage.
+        tick.tick().await;
         loop {
             tick.tick().await;
             let Some(app) = app.upgrade() else { return };

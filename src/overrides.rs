@@ -290,15 +290,27 @@ return old or ''
 /// ARGV = new epoch, then tenant/doc pairs. Runs only if the marker is
 /// missing, so of all replicas noticing an empty Redis exactly one re-seeds.
 const RESEED_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
 redis.call('SET', KEYS[1], ARGV[1])
+local added = 0
 for i = 2, #ARGV, 2 do
   if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
     redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    added = added + 1
   end
 end
-return 1
+return added
 "#;
+
+/// Reads the override hash and whether the epoch marker exists, in one
+/// step: KEYS = epoch marker, overrides hash. Returns `{exists, hgetall}`.
+const LOAD_SCRIPT: &str = r#"
+return { redis.call('EXISTS', KEYS[1]), redis.call('HGETALL', KEYS[2]) }
+"#;
+
+/// How long a freshly started replica that holds no overrides leaves an
+/// emptied Redis to replicas that do, before marking it complete.
+const FRESH_REPLICA_GRACE: Duration = Duration::from_secs(5);
 
 enum Store {
     File {
@@ -317,6 +329,7 @@ enum Store {
         channel: String,
         script: redis::Script,
         reseed: redis::Script,
+        load: redis::Script,
     },
 }
 
@@ -325,6 +338,7 @@ pub struct Overrides {
     current: ArcSwap<HashMap<TenantId, Arc<Override>>>,
     store: Store,
     metrics: Arc<Metrics>,
+    started: std::time::Instant,
 }
 
 impl Overrides {
@@ -364,6 +378,7 @@ impl Overrides {
                     channel: format!("{p}:overrides"),
                     script: redis::Script::new(CHANGE_SCRIPT),
                     reseed: redis::Script::new(RESEED_SCRIPT),
+                    load: redis::Script::new(LOAD_SCRIPT),
                 }
             }
         };
@@ -371,6 +386,7 @@ impl Overrides {
             current: ArcSwap::from_pointee(HashMap::new()),
             store,
             metrics,
+            started: std::time::Instant::now(),
         });
         match &me.store {
             Store::File { state, .. } => {
@@ -585,23 +601,43 @@ impl Overrides {
     }
 
     async fn reload_from_redis(&self) -> Result<(), StoreError> {
-        let Store::Redis { conn, hash, .. } = &self.store else {
+        let Store::Redis {
+            conn,
+            hash,
+            epoch,
+            load,
+            ..
+        } = &self.store
+        else {
             return Ok(());
         };
         // Never replace the set in memory with the contents of a Redis that
-        // lost its data: re-seed it first.
-        self.ensure_epoch().await;
-        let mut c = conn.get().ok_or_else(not_connected)?;
-        let raw: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(hash)
-            .query_async(&mut c)
-            .await
-            .map_err(|e| StoreError::Redis(e.to_string()))?;
-        self.install(
-            raw.into_iter()
-                .filter_map(|(t, d)| serde_json::from_str::<OverrideDoc>(&d).ok().map(|d| (t, d))),
-        );
-        Ok(())
+        // lost its data (epoch marker missing): re-seed it first. A replica
+        // holding nothing has nothing to lose and takes what is there.
+        for _ in 0..2 {
+            let mut c = conn.get().ok_or_else(not_connected)?;
+            let (exists, raw): (i64, HashMap<String, String>) = load
+                .key(epoch)
+                .key(hash)
+                .invoke_async(&mut c)
+                .await
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
+            let holding_nothing = self.current.load().is_empty();
+            if exists == 1 || holding_nothing {
+                self.install(raw.into_iter().filter_map(|(t, d)| {
+                    serde_json::from_str::<OverrideDoc>(&d).ok().map(|d| (t, d))
+                }));
+                if exists == 0 {
+                    // Marks a fresh Redis once past the start-up grace.
+                    let _ = self.ensure_epoch().await;
+                }
+                return Ok(());
+            }
+            self.ensure_epoch().await?;
+        }
+        Err(StoreError::Redis(
+            "override epoch marker keeps disappearing".into(),
+        ))
     }
 
     /// Starts the background work: for Redis, the subscriber that applies
@@ -687,8 +723,10 @@ impl Overrides {
                     if let Err(e) = this.reload_from_redis().await {
                         tracing::debug!(error = %e, "periodic override reload failed");
                     }
-                } else if n.is_multiple_of(4) {
-                    this.ensure_epoch().await;
+                } else if n.is_multiple_of(4)
+                    && let Err(e) = this.ensure_epoch().await
+                {
+                    tracing::debug!(error = %e, "override epoch check failed");
                 }
             }
         });
@@ -699,7 +737,7 @@ impl Overrides {
     /// data (restarted empty, failed over to an empty replica) and the
     /// set this replica holds in memory is written back. The script runs
     /// only where the marker is missing, so exactly one replica re-seeds.
-    async fn ensure_epoch(&self) {
+    async fn ensure_epoch(&self) -> Result<(), StoreError> {
         let Store::Redis {
             conn,
             epoch,
@@ -708,12 +746,16 @@ impl Overrides {
             ..
         } = &self.store
         else {
-            return;
+            return Ok(());
         };
-        let Some(mut c) = conn.get() else { return };
-        let exists: Result<bool, _> = redis::cmd("EXISTS").arg(epoch).query_async(&mut c).await;
-        if !matches!(exists, Ok(false)) {
-            return;
+        let mut c = conn.get().ok_or_else(not_connected)?;
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(epoch)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        if exists {
+            return Ok(());
         }
         let docs: Vec<(String, String)> = self
             .current
@@ -726,6 +768,15 @@ impl Overrides {
                 )
             })
             .collect();
+        if docs.is_empty() && self.started.elapsed() < FRESH_REPLICA_GRACE {
+            // A replica that has just started holds nothing: leave the
+            // re-seed to replicas that do, if any, before marking the
+            // (possibly emptied) Redis as complete.
+            return Err(StoreError::Redis(
+                "override epoch missing; waiting for a replica that holds overrides to re-seed"
+                    .into(),
+            ));
+        }
         let mut inv = reseed.prepare_invoke();
         inv.key(epoch)
             .key(hash)
@@ -733,17 +784,25 @@ impl Overrides {
         for (t, d) in &docs {
             inv.arg(t).arg(d);
         }
-        match inv.invoke_async::<i64>(&mut c).await {
-            Ok(1) if !docs.is_empty() => {
-                self.metrics.override_reseeds.inc();
-                tracing::warn!(
-                    overrides = docs.len(),
-                    "redis lost its data: re-seeded overrides from memory"
-                );
+        let added: i64 = inv
+            .invoke_async(&mut c)
+            .await
+            .map_err(|e| StoreError::Redis(e.to_string()))?;
+        if added > 0 {
+            self.metrics.override_reseeds.inc();
+            tracing::warn!(
+                overrides = added,
+                "redis lost its data: re-seeded overrides from memory"
+            );
+            if let Store::Redis { channel, .. } = &self.store {
+                let _: Result<i64, _> = redis::cmd("PUBLISH")
+                    .arg(channel)
+                    .arg("*")
+                    .query_async(&mut c)
+                    .await;
             }
-            Ok(_) => {}
-            Err(e) => tracing::debug!(error = %e, "override re-seed failed; will retry"),
         }
+        Ok(())
     }
 
     async fn sweep_expired(&self) {

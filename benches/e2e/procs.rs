@@ -49,12 +49,46 @@ pub fn install_signal_handler() {
 
 fn kill_all_registered() {
     let pids: Vec<u32> = LIVE.lock().map(|v| v.clone()).unwrap_or_default();
-    for pid in pids {
-        let _ = Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .stderr(Stdio::null())
-            .status();
+    let mut all = pids.clone();
+    all.extend(children_of(&pids));
+    signal(&all, "-KILL");
+}
+
+/// Sends `sig` (`-TERM`, `-KILL`) to `pids` with kill(1).
+fn signal(pids: &[u32], sig: &str) {
+    if pids.is_empty() {
+        return;
     }
+    let _ = Command::new("kill")
+        .arg(sig)
+        .args(pids.iter().map(|p| p.to_string()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Direct children of `pids` (nginx workers), from /proc.
+pub fn children_of(pids: &[u32]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if let Some(ppid) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                let rest = &s[s.rfind(')')? + 2..];
+                rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+            })
+            && pids.contains(&ppid)
+        {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// A child process that is SIGKILLed and reaped when dropped.
@@ -78,10 +112,12 @@ impl ChildGuard {
 
     /// Whether the process has exited (reaps it if so).
     pub fn exited(&mut self) -> bool {
-        match self.child.as_mut().map(|c| c.try_wait()) {
-            Some(Ok(None)) => false,
-            _ => true,
-        }
+        !matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
     }
 
     /// Name given at spawn.
@@ -103,12 +139,31 @@ impl ChildGuard {
         false
     }
 
-    /// Kills and reaps (idempotent).
+    /// Stops and reaps the process and its direct children (idempotent):
+    /// SIGTERM first, so that nginx's master takes its workers down with it,
+    /// then SIGKILL for whatever is left after 3 s.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let pid = c.id();
-            let _ = c.kill();
-            let _ = c.wait();
+            if matches!(c.try_wait(), Ok(None)) {
+                let children = children_of(&[pid]);
+                signal(&[pid], "-TERM");
+                let deadline = Instant::now() + Duration::from_secs(3);
+                while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+                // Children the master did not reap in time (pids are not
+                // reused this fast; a dead one makes kill(1) a no-op).
+                let left: Vec<u32> = children
+                    .into_iter()
+                    .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+                    .collect();
+                signal(&left, "-KILL");
+            } else {
+                let _ = c.wait();
+            }
             if let Ok(mut v) = LIVE.lock() {
                 v.retain(|p| *p != pid);
             }
@@ -188,7 +243,7 @@ pub fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> Option<(u16,
 /// working directory in a temp dir; killed on drop.
 pub struct Redis {
     pub port: u16,
-    _child: ChildGuard,
+    child: ChildGuard,
     _dir: tempfile::TempDir,
 }
 
@@ -223,7 +278,7 @@ impl Redis {
                 if ping(port) {
                     return Some(Redis {
                         port,
-                        _child: child,
+                        child,
                         _dir: dir,
                     });
                 }
@@ -236,6 +291,11 @@ impl Redis {
             std::fs::read_to_string(dir.path().join("redis.log")).unwrap_or_default()
         );
         None
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.pid()
     }
 
     /// `redis://127.0.0.1:P/0`.

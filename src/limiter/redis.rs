@@ -200,8 +200,9 @@ pub struct RedisLimiter {
 /// then, so a bucket's TAT can only grow and our copy is a lower bound. A
 /// later request that this lower bound already refuses would certainly be
 /// refused by Redis too, so it is answered here, with no Redis call — a
-/// tenant flooding at 100× its limit costs Redis one call per refill, not
-/// one per request. Entries carry the bucket's (interval, tau): when an
+/// tenant flooding at 100× its limit costs Redis at most one call per
+/// second per worker (entries are trusted for a second, see
+/// [`DenyCache::MAX_AGE_US`]), not one per request. Entries carry the bucket's (interval, tau): when an
 /// override or tier change alters the limit they no longer match and are
 /// ignored, so a raised limit helps at once. Times are mapped to the local
 /// clock from the moment the call was *sent* (before Redis read its clock),
@@ -223,10 +224,18 @@ struct CachedTat {
     /// TAT in microseconds on `base`'s clock.
     tat: u64,
     gcra: Gcra,
+    /// When it was learnt, on the same clock.
+    learnt: u64,
 }
 
 impl DenyCache {
     const MAX_ENTRIES: usize = 65_536;
+    /// How long an entry is trusted: Redis can lose state without an error
+    /// we would see (`FLUSHALL`, eviction, an operator deleting a key to
+    /// unblock a tenant), so a flood still costs one Redis call per second
+    /// per worker, never one per request, and a reset bucket is noticed
+    /// within a second.
+    const MAX_AGE_US: u64 = 1_000_000;
 
     fn new() -> DenyCache {
         DenyCache {
@@ -266,6 +275,7 @@ impl DenyCache {
             if let Some(c) = entries.get(&(tenant.clone(), b.name.clone()))
                 && c.gcra == *g
                 && c.tat > now
+                && now.saturating_sub(c.learnt) < Self::MAX_AGE_US
             {
                 tats[i] = c.tat;
                 any = true;
@@ -308,6 +318,7 @@ impl DenyCache {
                     CachedTat {
                         tat: sent + (tat - redis_now),
                         gcra: *g,
+                        learnt: sent,
                     },
                 );
             }
@@ -344,13 +355,18 @@ impl RedisLimiter {
         k
     }
 
-    /// Checks that Redis answers within the call timeout (the health probe).
+    /// Checks that Redis answers a keyed command within the call timeout
+    /// (the health probe). A keyed command goes where decisions go: on a
+    /// Cluster it reaches the slot's master and fails with `CLUSTERDOWN`
+    /// when the cluster refuses commands, where a `PING` would still be
+    /// answered by the surviving nodes.
     pub async fn ping(&self) -> Result<(), LimiterError> {
         let Some(mut conn) = self.conn.get() else {
             return Err(LimiterError::Unavailable("not connected".into()));
         };
-        let ping = redis::cmd("PING");
-        let call = ping.query_async::<String>(&mut conn);
+        let mut probe = redis::cmd("EXISTS");
+        probe.arg(format!("{}:{{!probe}}", self.prefix));
+        let call = probe.query_async::<i64>(&mut conn);
         match tokio::time::timeout(self.timeout, call).await {
             Err(_) => Err(LimiterError::Timeout),
             Ok(Err(e)) => Err(LimiterError::Unavailable(e.to_string())),

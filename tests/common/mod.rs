@@ -12,6 +12,8 @@
 //! Not every test file uses every item, hence the crate-level allows below.
 #![allow(dead_code, unused_imports)]
 
+mod cluster;
+pub use cluster::*;
 /// The fault-injecting TCP proxy.
 mod fault;
 /// HTTP client helpers.

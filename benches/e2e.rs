@@ -1,0 +1,583 @@
+//! End-to-end load bench on loopback: `wrk` → proxy → upstream, for tiergate
+//! (memory and redis backends) next to nginx and haproxy doing the same job.
+//!
+//! ```text
+//! cargo bench --bench e2e                                  # 10 s runs, 64 and 256 conns
+//! E2E_DURATION=3s E2E_CONNS=64 cargo bench --bench e2e     # quick
+//! E2E_MODE=flood cargo bench --bench e2e                   # noisy neighbour
+//! E2E_MODE=tenants cargo bench --bench e2e                 # 100k distinct tenants
+//! ```
+//!
+//! Settings (environment):
+//!
+//! | variable | default | meaning |
+//! | --- | --- | --- |
+//! | `E2E_DURATION` | `10s` | length of each measured wrk run (`3s`, `1m`) |
+//! | `E2E_CONNS` | `64,256` | connection counts to measure (`wrk -t2 -cN`) |
+//! | `E2E_ROUNDS` | `2` | interleaved rounds; the table shows their mean |
+//! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time) |
+//! | `E2E_TARGETS` | all | comma-separated substrings of target names to run |
+//!
+//! Everything runs on 127.0.0.1 on free ports, in a temp dir; every child
+//! process (nginx, haproxy, redis-server, tiergate, wrk) is killed on exit,
+//! Ctrl-C included. Fairness: the proxies under test get two workers each
+//! (nginx `worker_processes auto` = cores, haproxy `nbthread 2`, tiergate one
+//! worker per core), the nginx upstream one worker; wrk, the proxy, the
+//! upstream (and redis) share the machine's cores. "CPU µs/req" is the
+//! proxy's own CPU time (plus redis-server's for the redis backend) per
+//! completed request, from /proc.
+
+#[path = "e2e/procs.rs"]
+mod procs;
+#[path = "e2e/targets.rs"]
+mod targets;
+#[path = "e2e/wrk.rs"]
+mod wrk;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use targets::{Limits, Target};
+use wrk::{WrkResult, WrkRun};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tiergate");
+/// The target every ratio is relative to.
+const REFERENCE: &str = "nginx+limit_req";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Allowed,
+    Tenants,
+    Flood,
+}
+
+struct Settings {
+    duration: Duration,
+    conns: Vec<usize>,
+    rounds: usize,
+    mode: Mode,
+    only: Option<Vec<String>>,
+    tenants: u32,
+    flood_rate: u32,
+    good_delay_ms: u64,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn parse_secs(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let secs = num.trim().parse::<f64>().ok()? * mult;
+    (1.0..=3600.0)
+        .contains(&secs)
+        .then(|| Duration::from_secs_f64(secs.round()))
+}
+
+impl Settings {
+    fn from_env() -> Result<Settings, String> {
+        let d = env_or("E2E_DURATION", "10s");
+        let duration = parse_secs(&d).ok_or(format!("E2E_DURATION `{d}`: want 1s..60m"))?;
+        let c = env_or("E2E_CONNS", "64,256");
+        let conns = c
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or(format!("E2E_CONNS `{c}`: want e.g. 64,256"))?;
+        let rounds = env_or("E2E_ROUNDS", "2")
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=20).contains(n))
+            .ok_or("E2E_ROUNDS: want 1..=20")?;
+        let mode = match env_or("E2E_MODE", "allowed").as_str() {
+            "allowed" | "throughput" | "" => Mode::Allowed,
+            "tenants" => Mode::Tenants,
+            "flood" => Mode::Flood,
+            other => {
+                return Err(format!(
+                    "E2E_MODE `{other}`: want allowed, tenants or flood"
+                ));
+            }
+        };
+        let only = std::env::var("E2E_TARGETS")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+        let num = |name: &str, default: &str| -> Result<u64, String> {
+            env_or(name, default)
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n >= 1)
+                .ok_or(format!("{name}: want a positive integer"))
+        };
+        Ok(Settings {
+            duration,
+            conns,
+            rounds,
+            mode,
+            only,
+            tenants: num("E2E_TENANTS", "100000")?.min(10_000_000) as u32,
+            flood_rate: num("E2E_FLOOD_RATE", "100")?.min(1_000_000) as u32,
+            good_delay_ms: num("E2E_GOOD_DELAY_MS", "10")?.min(10_000),
+        })
+    }
+
+    fn wants(&self, name: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|s| name.contains(s.as_str())))
+    }
+}
+
+fn main() {
+    // `cargo test --benches` runs this binary without `--bench`: do nothing.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("e2e: load bench; run it with `cargo bench --bench e2e`");
+        return;
+    }
+    wrk::self_check();
+    if procs::which("wrk").is_none() {
+        println!("e2e: `wrk` is not installed; install it with `apt-get install wrk`");
+        println!("     (optional: `apt-get install nginx-light haproxy redis-server`)");
+        return;
+    }
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("e2e: {e}");
+            std::process::exit(2);
+        }
+    };
+    procs::install_signal_handler();
+    let tmp = tempfile::Builder::new()
+        .prefix("tiergate-e2e-")
+        .tempdir()
+        .expect("temp dir");
+    let started = Instant::now();
+    run(&settings, tmp.path());
+    eprintln!("e2e: done in {:.0?}", started.elapsed());
+}
+
+fn run(s: &Settings, tmp: &Path) {
+    let limits = Limits {
+        flood_rate: (s.mode == Mode::Flood).then_some(s.flood_rate),
+    };
+    let (upstream, up) = targets::start_upstream(tmp);
+    let mut list: Vec<Target> = Vec::new();
+    let mut add = |name: &str, needs: &[&str], start: &dyn Fn() -> Result<Target, String>| {
+        if !s.wants(name) {
+            return;
+        }
+        if let Some(missing) = needs.iter().find(|p| procs::which(p).is_none()) {
+            println!("note: skipping {name}: `{missing}` is not installed");
+            return;
+        }
+        match start() {
+            Ok(t) => list.push(t),
+            Err(e) => println!("note: skipping {name}: {e}"),
+        }
+    };
+    add("nginx proxy_pass", &["nginx"], &|| {
+        targets::nginx_proxy(tmp, up, false, limits)
+    });
+    add(REFERENCE, &["nginx"], &|| {
+        targets::nginx_proxy(tmp, up, true, limits)
+    });
+    add("haproxy stick-table", &["haproxy"], &|| {
+        targets::haproxy(tmp, up, limits)
+    });
+    let bin = PathBuf::from(BIN);
+    add("tiergate memory", &[], &|| {
+        targets::tiergate(&bin, tmp, up, false, limits)
+    });
+    add("tiergate redis", &["redis-server"], &|| {
+        targets::tiergate(&bin, tmp, up, true, limits)
+    });
+    if list.is_empty() {
+        println!("e2e: no target could be started");
+        return;
+    }
+
+    println!(
+        "e2e: mode={:?} duration={:?} conns={:?} rounds={} cores={} upstream={}",
+        s.mode,
+        s.duration,
+        s.conns,
+        s.rounds,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        upstream.describe()
+    );
+    println!("e2e: tiergate binary {BIN}");
+    let scripts = Scripts::write(tmp, s);
+    match s.mode {
+        Mode::Allowed | Mode::Tenants => throughput(s, &mut list, &scripts),
+        Mode::Flood => flood(s, &mut list, &scripts),
+    }
+    for t in &list {
+        if let Some(admin) = t.admin {
+            let errors = targets::metric_sum(admin, "tiergate_backend_errors_total");
+            let degraded = targets::metric_sum(admin, "tiergate_backend_degraded");
+            let throttled = targets::metric_sum(admin, "tiergate_tenant_throttled_total");
+            println!(
+                "{}: backend_errors_total={} backend_degraded={} tenant_throttled_total={}",
+                t.name,
+                fmt_opt(errors),
+                fmt_opt(degraded),
+                fmt_opt(throttled)
+            );
+        }
+    }
+    drop(list);
+    drop(upstream);
+}
+
+fn fmt_opt(v: Option<f64>) -> String {
+    v.map_or("?".into(), |v| format!("{v}"))
+}
+
+struct Scripts {
+    one: PathBuf,
+    many: PathBuf,
+    flood: PathBuf,
+    good: PathBuf,
+    tenants: u32,
+}
+
+impl Scripts {
+    fn write(tmp: &Path, s: &Settings) -> Scripts {
+        Scripts {
+            one: wrk::tenant_script(tmp, "one.lua", "bench"),
+            many: wrk::many_tenants_script(tmp),
+            flood: wrk::tenant_script(tmp, "flood.lua", "flood"),
+            good: wrk::paced_script(tmp, "good", s.good_delay_ms),
+            tenants: s.tenants,
+        }
+    }
+}
+
+/// One measured run of one target.
+#[derive(Debug, Clone)]
+struct Sample {
+    r: WrkResult,
+    cpu_us_per_req: f64,
+    /// Cores used by processes outside the bench during the run.
+    foreign: f64,
+}
+
+fn pause() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn measure(t: &Target, run: &WrkRun) -> Result<Sample, String> {
+    let pids = t.pids();
+    let cpu0 = targets::cpu_seconds(&pids);
+    let snap = targets::CpuSnap::now();
+    let r = run.run()?;
+    let foreign = targets::CpuSnap::now().foreign_cores_since(&snap);
+    let cpu = targets::cpu_seconds(&pids) - cpu0;
+    let cpu_us_per_req = if r.requests > 0 {
+        cpu * 1e6 / r.requests as f64
+    } else {
+        0.0
+    };
+    Ok(Sample {
+        r,
+        cpu_us_per_req,
+        foreign,
+    })
+}
+
+fn warm_up(s: &Settings, list: &mut [Target], script: &(PathBuf, Vec<String>)) {
+    let warm = s.duration.min(Duration::from_secs(2));
+    let conns = s.conns.iter().copied().max().unwrap_or(64);
+    for t in list.iter() {
+        let run = WrkRun {
+            threads: 2,
+            conns,
+            duration: warm,
+            port: t.port,
+            script: Some(script.clone()),
+            headers: vec![],
+        };
+        match run.run() {
+            Ok(r) => eprintln!(
+                "warm-up {:<20} {:>9.0} req/s non-2xx {}",
+                t.name, r.rps, r.non2xx
+            ),
+            Err(e) => eprintln!("warm-up {}: {e}", t.name),
+        }
+        pause();
+    }
+}
+
+fn check_alive(t: &mut Target, dead: &mut Vec<&'static str>) -> bool {
+    if dead.contains(&t.name) {
+        return false;
+    }
+    if !t.alive() {
+        eprintln!("e2e: {} died; dropping it from the run", t.name);
+        dead.push(t.name);
+        return false;
+    }
+    true
+}
+
+fn throughput(s: &Settings, list: &mut [Target], scripts: &Scripts) {
+    let script = match s.mode {
+        Mode::Tenants => (scripts.many.clone(), vec![scripts.tenants.to_string()]),
+        _ => (scripts.one.clone(), vec![]),
+    };
+    warm_up(s, list, &script);
+    let mut samples: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
+    let mut dead = Vec::new();
+    for round in 0..s.rounds {
+        for &conns in &s.conns {
+            // Rotate the order each round so no target always goes first.
+            for k in 0..list.len() {
+                let i = (k + round) % list.len();
+                let t = &mut list[i];
+                if !check_alive(t, &mut dead) {
+                    continue;
+                }
+                let run = WrkRun {
+                    threads: 2,
+                    conns,
+                    duration: s.duration,
+                    port: t.port,
+                    script: Some(script.clone()),
+                    headers: vec![],
+                };
+                match measure(t, &run) {
+                    Ok(smp) => {
+                        eprintln!(
+                            "round {}/{} c{:<4} {:<20} {:>9.0} req/s  p50 {:>8}  p99 {:>8}  non-2xx {}  cpu {:.1} us/req  other load {:.2} cores",
+                            round + 1,
+                            s.rounds,
+                            conns,
+                            t.name,
+                            smp.r.rps,
+                            fmt_us(smp.r.p50_us),
+                            fmt_us(smp.r.p99_us),
+                            smp.r.non2xx,
+                            smp.cpu_us_per_req,
+                            smp.foreign
+                        );
+                        samples.entry((conns, i)).or_default().push(smp);
+                    }
+                    Err(e) => eprintln!("{} c{conns}: {e}", t.name),
+                }
+                pause();
+            }
+        }
+    }
+
+    println!();
+    println!(
+        "| target | conns | req/s (mean) | req/s (min–max) | p50 | p99 | non-2xx | socket errors | CPU µs/req | other load | vs {REFERENCE} |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for &conns in &s.conns {
+        let reference = list
+            .iter()
+            .position(|t| t.name == REFERENCE)
+            .and_then(|i| samples.get(&(conns, i)))
+            .map(|v| mean(v.iter().map(|x| x.r.rps)));
+        for (i, t) in list.iter().enumerate() {
+            let Some(v) = samples.get(&(conns, i)) else {
+                continue;
+            };
+            let rps = mean(v.iter().map(|x| x.r.rps));
+            let lo = v.iter().map(|x| x.r.rps).fold(f64::MAX, f64::min);
+            let hi = v.iter().map(|x| x.r.rps).fold(0.0, f64::max);
+            println!(
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {:.1} | {:.2} | {} |",
+                t.name,
+                conns,
+                rps,
+                lo,
+                hi,
+                fmt_us(mean(v.iter().map(|x| x.r.p50_us))),
+                fmt_us(mean(v.iter().map(|x| x.r.p99_us))),
+                v.iter().map(|x| x.r.non2xx).sum::<u64>(),
+                v.iter().map(|x| x.r.socket_errors).sum::<u64>(),
+                mean(v.iter().map(|x| x.cpu_us_per_req)),
+                mean(v.iter().map(|x| x.foreign)),
+                reference.map_or("–".into(), |r| format!("{:.2}", rps / r)),
+            );
+        }
+    }
+    println!();
+    println!(
+        "(mean of {} rounds of `wrk -t2 -cN -d{}s --latency`; p50/p99 are the means of each run's \
+         percentiles; `other load` is the cores used meanwhile by processes outside this bench: \
+         above ~0.1 the numbers are disturbed)",
+        s.rounds,
+        s.duration.as_secs()
+    );
+}
+
+/// One flood run: the flooding tenant and the well-behaved one.
+struct FloodSample {
+    flood: WrkResult,
+    good: WrkResult,
+    /// Cores used by processes outside the bench during the run.
+    foreign: f64,
+}
+
+fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
+    warm_up(s, list, &(scripts.good.clone(), vec![]));
+    let mut samples: BTreeMap<(usize, usize), Vec<FloodSample>> = BTreeMap::new();
+    let mut dead = Vec::new();
+    for round in 0..s.rounds {
+        for &conns in &s.conns {
+            for k in 0..list.len() {
+                let i = (k + round) % list.len();
+                let t = &mut list[i];
+                if !check_alive(t, &mut dead) {
+                    continue;
+                }
+                let flood_run = WrkRun {
+                    threads: 2,
+                    conns,
+                    duration: s.duration,
+                    port: t.port,
+                    script: Some((scripts.flood.clone(), vec![])),
+                    headers: vec![],
+                };
+                let good_run = WrkRun {
+                    threads: 1,
+                    conns: 8,
+                    duration: s.duration,
+                    port: t.port,
+                    script: Some((scripts.good.clone(), vec![])),
+                    headers: vec![],
+                };
+                let snap = targets::CpuSnap::now();
+                let mut fc = flood_run.spawn();
+                let mut gc = good_run.spawn();
+                let good = wrk::finish(&mut gc, s.duration);
+                let fl = wrk::finish(&mut fc, s.duration);
+                let foreign = targets::CpuSnap::now().foreign_cores_since(&snap);
+                match (fl, good) {
+                    (Ok(flood), Ok(good)) => {
+                        eprintln!(
+                            "round {}/{} c{:<4} {:<20} flood {:>8.0} tries/s, {:>8} rejected | good {:>5.0} req/s p99 {:>8} non-2xx {}",
+                            round + 1,
+                            s.rounds,
+                            conns,
+                            t.name,
+                            flood.rps,
+                            flood.non2xx,
+                            good.rps,
+                            fmt_us(good.p99_us),
+                            good.non2xx
+                        );
+                        samples.entry((conns, i)).or_default().push(FloodSample {
+                            flood,
+                            good,
+                            foreign,
+                        });
+                    }
+                    (f, g) => eprintln!(
+                        "{} c{conns}: flood {:?} good {:?}",
+                        t.name,
+                        f.err(),
+                        g.err()
+                    ),
+                }
+                pause();
+            }
+        }
+    }
+
+    println!();
+    println!(
+        "flood: tenant `flood` limited to {r}/s (burst {r}) under `wrk -t2 -cN`; tenant `good` \
+         unlimited, 8 connections with {d} ms think time",
+        r = s.flood_rate,
+        d = s.good_delay_ms
+    );
+    println!(
+        "| target | conns | flood tries/s | × its limit | flood admitted/s | flood rejected | good req/s | good p50 | good p99 | good non-2xx | other load | good p99 vs {REFERENCE} |"
+    );
+    println!(
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for &conns in &s.conns {
+        let reference = list
+            .iter()
+            .position(|t| t.name == REFERENCE)
+            .and_then(|i| samples.get(&(conns, i)))
+            .map(|v| mean(v.iter().map(|x| x.good.p99_us)));
+        for (i, t) in list.iter().enumerate() {
+            let Some(v) = samples.get(&(conns, i)) else {
+                continue;
+            };
+            let tries = mean(v.iter().map(|x| x.flood.rps));
+            let admitted = mean(v.iter().map(|x| {
+                let f = &x.flood;
+                if f.requests == 0 {
+                    0.0
+                } else {
+                    f.rps * (f.requests.saturating_sub(f.non2xx)) as f64 / f.requests as f64
+                }
+            }));
+            let good_p99 = mean(v.iter().map(|x| x.good.p99_us));
+            println!(
+                "| {} | {} | {:.0} | {:.0}× | {:.1} | {} | {:.0} | {} | {} | {} | {:.2} | {} |",
+                t.name,
+                conns,
+                tries,
+                tries / s.flood_rate as f64,
+                admitted,
+                v.iter().map(|x| x.flood.non2xx).sum::<u64>(),
+                mean(v.iter().map(|x| x.good.rps)),
+                fmt_us(mean(v.iter().map(|x| x.good.p50_us))),
+                fmt_us(good_p99),
+                v.iter().map(|x| x.good.non2xx).sum::<u64>(),
+                mean(v.iter().map(|x| x.foreign)),
+                reference.map_or("–".into(), |r| format!("{:.2}", good_p99 / r)),
+            );
+        }
+    }
+    println!();
+    println!(
+        "(mean of {} rounds of {}s; `flood rejected` is the total of non-2xx over all rounds; \
+         nginx proxy_pass does not limit, so its flood is all admitted)",
+        s.rounds,
+        s.duration.as_secs()
+    );
+}
+
+fn mean(it: impl Iterator<Item = f64>) -> f64 {
+    let (n, sum) = it.fold((0usize, 0.0), |(n, s), x| (n + 1, s + x));
+    if n == 0 { 0.0 } else { sum / n as f64 }
+}
+
+fn fmt_us(us: f64) -> String {
+    if us < 1000.0 {
+        format!("{us:.0}us")
+    } else if us < 1e6 {
+        format!("{:.2}ms", us / 1e3)
+    } else {
+        format!("{:.2}s", us / 1e6)
+    }
+}
