@@ -4,9 +4,12 @@
 //! The kernel spreads new connections across the sockets.
 //!
 //! Connection hardening lives here: the global `max_connections` cap (a
-//! semaphore: beyond it, new connections wait in the backlog), the per-IP
-//! cap (refused), the header-read timeout and header size cap (given to
-//! hyper, which answers 431 itself), `idle_timeout`, and graceful drain.
+//! semaphore: beyond it, new connections wait), the per-IP cap (refused),
+//! the header size cap (given to hyper, which answers 431 itself), and a
+//! coarse per-connection check — a few times per timeout, not per request —
+//! that closes connections whose request head takes longer than
+//! `header_read_timeout` (slowloris) or that stay silent for
+//! `idle_timeout`, and graceful drain.
 
 use std::convert::Infallible;
 use std::io;
@@ -18,7 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -44,6 +47,14 @@ pub fn bind_reuseport(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 
 /// Binds one listener per worker on `addr` (port 0 picks one port for all).
 pub fn bind_workers(addr: SocketAddr, workers: usize) -> io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        // SO_REUSEPORT would let a second tiergate (same user) share the
+        // port and silently split the traffic: first make sure nobody is
+        // listening there, with a plain bind.
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe.bind(&addr.into())?;
+    }
     let first = bind_reuseport(addr)?;
     let actual = first.local_addr()?;
     let mut out = vec![first];
@@ -75,19 +86,21 @@ pub async fn run_worker(
     let cfg = app.live.load().policy.config().clone();
     let server_cfg = &cfg.server;
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // No hyper timer: the header-read deadline is enforced by the coarse
+    // per-connection check below, which costs nothing per request (hyper's
+    // per-request timer measured ~10% of throughput).
     builder
         .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(server_cfg.header_read_timeout)
         .max_buf_size(server_cfg.max_header_bytes.max(8192))
         .keep_alive(true);
     builder
         .http2()
-        .timer(TokioTimer::new())
         .max_header_list_size(server_cfg.max_header_bytes as u32)
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let idle_timeout = server_cfg.idle_timeout;
+    let header_timeout = server_cfg.header_read_timeout;
+    let check_every = (idle_timeout.min(header_timeout) / 4).max(Duration::from_millis(50));
     let grace = server_cfg.shutdown_grace;
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -132,22 +145,27 @@ pub async fn run_worker(
         app.connections.open.fetch_add(1, Ordering::Relaxed);
         app.metrics.active_connections.inc();
         tasks.spawn(async move {
-            let activity = Arc::new(AtomicU64::new(0));
-            let born = Instant::now();
+            let state = Arc::new(ConnState::new());
             let io = TokioIo::new(Tracked {
                 inner: stream,
-                activity: activity.clone(),
-                born,
+                state: state.clone(),
             });
+            let svc_state = state.clone();
             let svc = service_fn(move |req| {
                 let gate = gate.clone();
-                async move { Ok::<_, Infallible>(gate.handle(req, peer).await) }
+                let in_flight = InFlight::start(svc_state.clone());
+                async move {
+                    let resp = gate.handle(req, peer).await;
+                    drop(in_flight);
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
             let mut closing = false;
-            let mut idle_check = tokio::time::interval(idle_timeout.max(Duration::from_millis(100)) / 4);
-            idle_check.tick().await;
+            let mut check = tokio::time::interval(check_every);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            check.tick().await;
             loop {
                 tokio::select! {
                     res = conn.as_mut() => {
@@ -160,9 +178,16 @@ pub async fn run_worker(
                         closing = true;
                         conn.as_mut().graceful_shutdown();
                     }
-                    _ = idle_check.tick(), if !closing => {
-                        let last = Duration::from_micros(activity.load(Ordering::Relaxed));
-                        if born.elapsed().saturating_sub(last) >= idle_timeout {
+                    _ = check.tick() => {
+                        let now = state.now();
+                        if state.head_started_before(now, header_timeout) {
+                            // Slowloris: bytes of a request head keep coming
+                            // (or stopped) but it never completed. No request
+                            // is in flight, so closing loses nothing.
+                            tracing::debug!(peer = %peer, "header_read_timeout: closing");
+                            break;
+                        }
+                        if !closing && state.idle_for(now) >= idle_timeout {
                             closing = true;
                             conn.as_mut().graceful_shutdown();
                         }
@@ -189,18 +214,90 @@ pub async fn run_worker(
     Ok(())
 }
 
-/// A TCP stream that records when bytes last moved (for `idle_timeout`).
-struct Tracked {
-    inner: TcpStream,
-    activity: Arc<AtomicU64>,
+/// What the per-connection check needs to know, updated by the stream and
+/// the service with plain atomics (times in microseconds since `born`).
+struct ConnState {
     born: Instant,
+    /// When bytes last moved either way (for `idle_timeout`).
+    last_activity: AtomicU64,
+    /// 1 + when the first byte of a not-yet-complete request head arrived;
+    /// 0 while no head is pending (for `header_read_timeout`).
+    head_since: AtomicU64,
+    /// Requests whose head is complete and whose response is not yet made.
+    in_flight: std::sync::atomic::AtomicU32,
 }
 
-impl Tracked {
-    fn touch(&self) {
-        self.activity
-            .store(self.born.elapsed().as_micros() as u64, Ordering::Relaxed);
+impl ConnState {
+    fn new() -> ConnState {
+        ConnState {
+            born: Instant::now(),
+            last_activity: AtomicU64::new(0),
+            head_since: AtomicU64::new(0),
+            in_flight: std::sync::atomic::AtomicU32::new(0),
+        }
     }
+
+    fn now(&self) -> u64 {
+        self.born.elapsed().as_micros() as u64
+    }
+
+    fn bytes_read(&self) {
+        let now = self.now();
+        self.last_activity.store(now, Ordering::Relaxed);
+        if self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+        {
+            self.head_since.store(now + 1, Ordering::Relaxed);
+        }
+    }
+
+    fn bytes_written(&self) {
+        self.last_activity.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+    }
+
+    fn request_finished(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether a request head has been arriving for longer than `limit`.
+    fn head_started_before(&self, now: u64, limit: Duration) -> bool {
+        let since = self.head_since.load(Ordering::Relaxed);
+        since != 0
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && now.saturating_sub(since - 1) >= limit.as_micros() as u64
+    }
+
+    fn idle_for(&self, now: u64) -> Duration {
+        Duration::from_micros(now.saturating_sub(self.last_activity.load(Ordering::Relaxed)))
+    }
+}
+
+/// One request in flight; finishes on drop, also when hyper drops the
+/// service future (client gone, HTTP/2 stream reset).
+struct InFlight(Arc<ConnState>);
+
+impl InFlight {
+    fn start(state: Arc<ConnState>) -> InFlight {
+        state.request_started();
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_finished();
+    }
+}
+
+/// A TCP stream that reports its reads and writes to the [`ConnState`].
+struct Tracked {
+    inner: TcpStream,
+    state: Arc<ConnState>,
 }
 
 impl AsyncRead for Tracked {
@@ -213,7 +310,7 @@ impl AsyncRead for Tracked {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.touch();
+            this.state.bytes_read();
         }
         r
     }
@@ -228,7 +325,7 @@ impl AsyncWrite for Tracked {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, data);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
+            this.state.bytes_written();
         }
         r
     }
@@ -240,7 +337,7 @@ impl AsyncWrite for Tracked {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.touch();
+            this.state.bytes_written();
         }
         r
     }
