@@ -39,6 +39,7 @@ impl Node {
 pub struct RedisCluster {
     dir: tempfile::TempDir,
     nodes: Vec<Node>,
+    extra: Vec<String>,
 }
 
 impl RedisCluster {
@@ -68,7 +69,11 @@ impl RedisCluster {
                     }
                 })
                 .collect();
-            let mut cluster = RedisCluster { dir, nodes };
+            let mut cluster = RedisCluster {
+                dir,
+                nodes,
+                extra: extra.iter().map(|e| e.to_string()).collect(),
+            };
             match cluster.bring_up(extra) {
                 Ok(()) => return cluster,
                 // Typically a port taken in between; try fresh ports (the
@@ -152,6 +157,30 @@ impl RedisCluster {
     /// whole cluster then refuses commands after the node timeout).
     pub fn kill_node(&mut self, i: usize) {
         self.nodes[i].kill();
+    }
+
+    /// Starts killed node `i` again on its port and directory: it rejoins
+    /// from its `nodes.conf` as the master of its slots, with no data.
+    /// Waits (bounded, 15 s) until every node reports `cluster_state:ok`.
+    pub fn restart_node(&mut self, i: usize) {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let node = &mut self.nodes[i];
+        node.kill();
+        node.child = Some(spawn_node(node.port, &node.dir, &extra).expect("restart node"));
+        wait_ping(node).expect("restarted node answers PING");
+        let deadline = Instant::now() + CLUSTER_READY;
+        while !(0..self.nodes.len()).all(|n| {
+            self.try_cli(n, &["CLUSTER", "INFO"])
+                .unwrap_or_default()
+                .contains("cluster_state:ok")
+        }) {
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ok after restarting node {i}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Runs `redis-cli -h 127.0.0.1 -p <port of node i> <args...>` (not
