@@ -361,7 +361,6 @@ pub async fn start(
         connections: Connections {
             permits: Arc::new(Semaphore::new(config.server.max_connections)),
             per_ip: hardening::PerIpConnections::new(config.server.max_connections_per_ip),
-            open: Default::default(),
         },
         lifecycle: AtomicU8::new(Lifecycle::Starting as u8),
         env,

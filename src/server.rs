@@ -70,8 +70,6 @@ pub struct Connections {
     pub permits: Arc<Semaphore>,
     /// Per-IP cap.
     pub per_ip: Arc<crate::hardening::PerIpConnections>,
-    /// Open connections (for draining).
-    pub open: AtomicU64,
 }
 
 /// Runs one worker's accept loop until `shutdown` flips to true, then
@@ -142,7 +140,6 @@ pub async fn run_worker(
         let gate = gate.clone();
         let builder = builder.clone();
         let mut drain = drain_rx.clone();
-        app.connections.open.fetch_add(1, Ordering::Relaxed);
         app.metrics.active_connections.inc();
         tasks.spawn(async move {
             let state = Arc::new(ConnState::new());
@@ -196,7 +193,6 @@ pub async fn run_worker(
             }
             drop(ip_slot);
             drop(permit);
-            app2.connections.open.fetch_sub(1, Ordering::Relaxed);
             app2.metrics.active_connections.dec();
         });
     }

@@ -76,14 +76,16 @@ impl Gate {
     /// Handles one request from `peer`, writing the access log line when
     /// `server.access_log` is on.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
-        if !self.app.live.load().policy.config().server.access_log {
-            return self.decide(req, peer, &mut None).await;
+        // One snapshot of the config for the whole request.
+        let live = self.app.live.load_full();
+        if !live.policy.config().server.access_log {
+            return self.decide(&live, req, peer, &mut None).await;
         }
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let mut record = Some(AccessRecord::default());
-        let resp = self.decide(req, peer, &mut record).await;
+        let resp = self.decide(&live, req, peer, &mut record).await;
         let r = record.unwrap_or_default();
         let decision = resp
             .headers()
@@ -110,11 +112,11 @@ impl Gate {
 
     async fn decide(
         &self,
+        live: &Live,
         mut req: Request<Incoming>,
         peer: SocketAddr,
         record: &mut Option<AccessRecord>,
     ) -> Response<ProxyBody> {
-        let live = self.app.live.load();
         let policy = &live.policy;
         let cfg = policy.config();
 
@@ -140,7 +142,7 @@ impl Gate {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared_len.is_some_and(|n| n > cfg.server.max_body_bytes) {
-            return self.refuse(&live, ProxyError::BodyTooLarge, None, route_idx, None);
+            return self.refuse(live, ProxyError::BodyTooLarge, None, route_idx, None);
         }
         let ip = client_ip(peer, req.headers(), &cfg.server.trusted_proxies);
         let peer_trusted = cfg
@@ -172,7 +174,7 @@ impl Gate {
                         route: None,
                         retry_after,
                     };
-                    return self.refuse(&live, err, None, route_idx, Some(&state));
+                    return self.refuse(live, err, None, route_idx, Some(&state));
                 }
             }
         }
@@ -183,7 +185,7 @@ impl Gate {
             Ok(id) => id,
             Err(e) => {
                 let state = ip_debit.as_ref().map(|(_, _, s)| s);
-                return self.refuse(&live, e.into(), None, route_idx, state);
+                return self.refuse(live, e.into(), None, route_idx, state);
             }
         };
 
@@ -228,7 +230,7 @@ impl Gate {
                     route: route.map(|r| r.name.clone()),
                     retry_after,
                 };
-                return self.refuse(&live, err, Some(tier), route_idx, Some(&state));
+                return self.refuse(live, err, Some(tier), route_idx, Some(&state));
             }
             Outcome::FailOpen => None,
             Outcome::Unavailable => {
@@ -236,7 +238,7 @@ impl Gate {
                     self.app.ip_limiter.refund(key, spec);
                 }
                 return self.refuse(
-                    &live,
+                    live,
                     ProxyError::LimiterUnavailable,
                     Some(tier),
                     route_idx,
