@@ -18,8 +18,15 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use tokio::net::TcpStream;
+
 use crate::config::UpstreamConfig;
 use crate::hardening::LimitedBody;
+
+pub mod affinity;
+
+pub use affinity::Affinity;
+use affinity::Claim;
 
 /// The request body type sent upstream.
 pub type UpstreamBody = LimitedBody<Incoming>;
@@ -89,12 +96,17 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
             })
 }
 
-/// The upstream: base address and a pooled client.
+/// The upstream: base address, the worker's shared pool, and what a
+/// connection of its own needs (see [`affinity`]).
 #[derive(Clone)]
 pub struct Upstream {
     client: Client<HttpConnector, UpstreamBody>,
     scheme: Scheme,
     authority: Authority,
+    /// `host:port` to connect to (IPv6 literals without brackets).
+    host: Arc<str>,
+    port: u16,
+    connect_timeout: Duration,
     timeout: Duration,
 }
 
@@ -105,19 +117,32 @@ impl Upstream {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(cfg.connect_timeout));
         connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+        connector.set_keepalive(Some(TCP_KEEPALIVE));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
             .build(connector);
+        let scheme = cfg.url.scheme().cloned().unwrap_or(Scheme::HTTP);
+        let authority = cfg
+            .url
+            .authority()
+            .cloned()
+            .expect("validated upstream url");
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .into();
+        let port = authority
+            .port_u16()
+            .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
         Upstream {
             client,
-            scheme: cfg.url.scheme().cloned().unwrap_or(Scheme::HTTP),
-            authority: cfg
-                .url
-                .authority()
-                .cloned()
-                .expect("validated upstream url"),
+            scheme,
+            authority,
+            host,
+            port,
+            connect_timeout: cfg.connect_timeout,
             timeout: cfg.timeout,
         }
     }
@@ -125,30 +150,22 @@ impl Upstream {
     /// Forwards `req` (headers already prepared by the caller except
     /// hop-by-hop removal) and returns the upstream's response head with a
     /// streaming body. `body_tripped` is the flag of the request's
-    /// [`LimitedBody`].
+    /// [`LimitedBody`]. With `affinity` (the client connection's slot) the
+    /// request goes over the client connection's own upstream connection
+    /// when it is free; otherwise over the worker's shared pool.
     pub async fn forward(
         &self,
         mut req: Request<UpstreamBody>,
         body_tripped: &Arc<AtomicBool>,
+        affinity: Option<&Affinity>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let upgrade = is_upgrade(&req);
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        if upgrade {
-            req.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        }
         let pq = req
             .uri()
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let uri = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(pq)
-            .build()
-            .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         if !req.headers().contains_key(header::HOST)
             && let Some(host) = req
                 .uri()
@@ -157,9 +174,107 @@ impl Upstream {
         {
             req.headers_mut().insert(header::HOST, host);
         }
-        *req.uri_mut() = uri;
         *req.version_mut() = Version::HTTP_11;
 
+        let claim = match affinity {
+            Some(a) if !upgrade => a.claim().await,
+            _ => Claim::Busy,
+        };
+        let result = match claim {
+            Claim::Busy => {
+                let uri = Uri::builder()
+                    .scheme(self.scheme.clone())
+                    .authority(self.authority.clone())
+                    .path_and_query(pq)
+                    .build()
+                    .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+                *req.uri_mut() = uri;
+                return self.forward_pooled(req, body_tripped, upgrade).await;
+            }
+            claim => {
+                // Origin-form: this connection speaks to the upstream only.
+                *req.uri_mut() = Uri::from(pq);
+                tokio::time::timeout(self.timeout, self.send_affine(claim, req)).await
+            }
+        };
+        let mut resp = match result {
+            Err(_) => return Err(UpstreamError::Timeout),
+            Ok(Err(e)) => {
+                if body_tripped.load(Ordering::Relaxed) {
+                    return Err(UpstreamError::BodyTooLarge);
+                }
+                return Err(e);
+            }
+            Ok(Ok(resp)) => resp,
+        };
+        strip_hop_by_hop(resp.headers_mut(), false);
+        Ok(resp)
+    }
+
+    /// Sends over the client connection's own upstream connection, making
+    /// one when there is none or the old one has closed.
+    async fn send_affine(
+        &self,
+        claim: Claim<'_>,
+        mut req: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let (mut lease, sender) = match claim {
+            Claim::Open(lease, sender) => (lease, Some(sender)),
+            Claim::Empty(lease) => (lease, None),
+            Claim::Busy => unreachable!("busy slots take the pooled path"),
+        };
+        if let Some(mut sender) = sender
+            // The previous response may still be finishing.
+            && sender.ready().await.is_ok()
+        {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    lease.put_back(sender);
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the upstream closed the idle
+                    // connection as we reused it. Retry on a new one.
+                    Some(r) => req = r,
+                    None => return Err(UpstreamError::Unreachable(error_chain(e.error()))),
+                },
+            }
+        }
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((&*self.host, self.port)),
+        )
+        .await
+        .map_err(|_| UpstreamError::Unreachable("connect timed out".into()))?
+        .map_err(|e| UpstreamError::Unreachable(format!("connect: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream)
+            .set_tcp_keepalive(&socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE));
+        let (mut sender, driver) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        lease.install(driver);
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| UpstreamError::Unreachable(error_chain(&e)))?;
+        lease.put_back(sender);
+        Ok(resp)
+    }
+
+    /// Sends through the worker's shared pool (upgrades, and HTTP/2
+    /// streams beyond the first of a connection).
+    async fn forward_pooled(
+        &self,
+        mut req: Request<UpstreamBody>,
+        body_tripped: &Arc<AtomicBool>,
+        upgrade: bool,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        if upgrade {
+            req.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
         let mut resp = match result {
             Err(_) => return Err(UpstreamError::Timeout),
@@ -192,6 +307,9 @@ impl Upstream {
         Ok(resp)
     }
 }
+
+/// TCP keep-alive probes on upstream connections.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

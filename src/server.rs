@@ -1,7 +1,10 @@
 //! Listeners: one accept loop per core, each on its own current-thread
 //! Tokio runtime with its own `SO_REUSEPORT` socket, upstream pool and
 //! Redis connection, so a request never crosses threads on the hot path.
-//! The kernel spreads new connections across the sockets.
+//! The kernel spreads new connections across the sockets. Each client
+//! connection's task also drives that connection's own upstream connection
+//! (see `proxy::affinity`), so an HTTP/1 request and its response never
+//! leave the task that accepted them.
 //!
 //! Connection hardening lives here: the global `max_connections` cap (a
 //! semaphore: beyond it, new connections wait), the per-IP cap (refused),
@@ -29,7 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::App;
-use crate::stack::Gate;
+use crate::stack::{ClientConn, Gate};
 
 /// Binds a non-blocking listener with `SO_REUSEPORT` (so every worker can
 /// bind the same address) and a deep backlog.
@@ -148,11 +151,14 @@ pub async fn run_worker(
                 state: state.clone(),
             });
             let svc_state = state.clone();
+            let client = Arc::new(ClientConn::new(peer));
+            let svc_client = client.clone();
             let svc = service_fn(move |req| {
                 let gate = gate.clone();
                 let in_flight = InFlight::start(svc_state.clone());
+                let client = svc_client.clone();
                 async move {
-                    let resp = gate.handle(req, peer).await;
+                    let resp = gate.handle(req, &client).await;
                     drop(in_flight);
                     Ok::<_, Infallible>(resp)
                 }
@@ -171,6 +177,7 @@ pub async fn run_worker(
                         }
                         break;
                     }
+                    never = client.upstream.drive() => match never {},
                     _ = drain.wait_for(|d| *d), if !closing => {
                         closing = true;
                         conn.as_mut().graceful_shutdown();
@@ -184,7 +191,13 @@ pub async fn run_worker(
                             tracing::debug!(peer = %peer, "header_read_timeout: closing");
                             break;
                         }
-                        if !closing && state.idle_for(now) >= idle_timeout {
+                        let idle = state.idle_for(now);
+                        if idle >= check_every {
+                            // A quiet client gives its upstream connection
+                            // back (see proxy::affinity).
+                            client.upstream.release();
+                        }
+                        if !closing && idle >= idle_timeout {
                             closing = true;
                             conn.as_mut().graceful_shutdown();
                         }

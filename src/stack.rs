@@ -19,7 +19,7 @@
 //! few lines, the order is fixed, and the hot path stays free of boxed
 //! futures.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
@@ -35,7 +35,7 @@ use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
-use crate::proxy::{Upstream, UpstreamError};
+use crate::proxy::{Affinity, Upstream, UpstreamError};
 use crate::{App, Live};
 
 /// The body of every response the proxy returns.
@@ -73,19 +73,19 @@ impl Gate {
         }
     }
 
-    /// Handles one request from `peer`, writing the access log line when
+    /// Handles one request that came on `conn`, writing the access log line when
     /// `server.access_log` is on.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ClientConn) -> Response<ProxyBody> {
         // One snapshot of the config for the whole request.
         let live = self.app.live.load_full();
         if !live.policy.config().server.access_log {
-            return self.decide(&live, req, peer, &mut None).await;
+            return self.decide(&live, req, conn, &mut None).await;
         }
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
         let mut record = Some(AccessRecord::default());
-        let resp = self.decide(&live, req, peer, &mut record).await;
+        let resp = self.decide(&live, req, conn, &mut record).await;
         let r = record.unwrap_or_default();
         let decision = resp
             .headers()
@@ -95,7 +95,7 @@ impl Gate {
         tracing::info!(
             target: "tiergate::access",
             request_id = r.request_id.as_deref().unwrap_or("-"),
-            peer = %peer.ip(),
+            peer = %conn.peer.ip(),
             method = %method,
             path = %path,
             tenant = r.tenant.as_ref().map_or("-", |t| t.as_str()),
@@ -114,7 +114,7 @@ impl Gate {
         &self,
         live: &Live,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: &ClientConn,
         record: &mut Option<AccessRecord>,
     ) -> Response<ProxyBody> {
         let policy = &live.policy;
@@ -144,6 +144,7 @@ impl Gate {
         if declared_len.is_some_and(|n| n > cfg.server.max_body_bytes) {
             return self.refuse(live, ProxyError::BodyTooLarge, None, route_idx, None);
         }
+        let peer = conn.peer;
         let ip = client_ip(peer, req.headers(), &cfg.server.trusted_proxies);
         let peer_trusted = cfg
             .server
@@ -155,10 +156,10 @@ impl Gate {
         if route.is_some_and(|r| r.exempt) {
             // No identity was established: the upstream must not see a
             // client-supplied tenant as if tiergate had vouched for it.
-            set_forwarding_headers(&mut req, peer.ip(), peer_trusted);
+            set_forwarding_headers(&mut req, conn, peer_trusted);
             req.headers_mut().remove(&X_TENANT_TIER);
             req.headers_mut().remove(&X_TENANT_ID);
-            return self.forward(req, max_body, None, record).await;
+            return self.forward(req, max_body, None, conn, record).await;
         }
 
         // 3. ip guard
@@ -263,13 +264,14 @@ impl Gate {
             .inc();
 
         // 7. upstream
-        set_forwarding_headers(&mut req, peer.ip(), peer_trusted);
+        set_forwarding_headers(&mut req, conn, peer_trusted);
         let h = req.headers_mut();
         h.insert(&X_TENANT_TIER, live.tier_header(tier));
         if let Ok(v) = HeaderValue::from_str(identity.tenant.as_str()) {
             h.insert(&X_TENANT_ID, v);
         }
-        self.forward(req, max_body, shown.as_ref(), record).await
+        self.forward(req, max_body, shown.as_ref(), conn, record)
+            .await
     }
 
     async fn forward(
@@ -277,6 +279,7 @@ impl Gate {
         req: Request<Incoming>,
         limit: u64,
         state: Option<&BucketState>,
+        conn: &ClientConn,
         record: &mut Option<AccessRecord>,
     ) -> Response<ProxyBody> {
         if let Some(r) = record.as_mut() {
@@ -289,7 +292,11 @@ impl Gate {
         let tripped = Arc::new(AtomicBool::new(false));
         let req = req.map(|b| LimitedBody::new(b, limit, tripped.clone()));
         let started = Instant::now();
-        let mut resp = match self.upstream.forward(req, &tripped).await {
+        let mut resp = match self
+            .upstream
+            .forward(req, &tripped, Some(&conn.upstream))
+            .await
+        {
             Ok(resp) => {
                 let took = started.elapsed().as_secs_f64();
                 if let Some(r) = record.as_mut() {
@@ -353,19 +360,28 @@ struct AccessRecord {
 
 /// Sets `x-forwarded-for` (appended when the peer is a trusted proxy,
 /// replaced otherwise), `x-forwarded-proto` and `x-request-id`.
-fn set_forwarding_headers<B>(req: &mut Request<B>, peer: IpAddr, peer_trusted: bool) {
+fn set_forwarding_headers<B>(req: &mut Request<B>, conn: &ClientConn, peer_trusted: bool) {
     let h = req.headers_mut();
-    let peer_text = peer.to_string();
-    let xff = match (
+    let appended = match (
         peer_trusted,
-        h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()),
+        h.get(&X_FORWARDED_FOR)
+            .and_then(|v| v.to_str().ok())
+            .map(str::as_bytes),
     ) {
-        (true, Some(prev)) if !prev.is_empty() => format!("{prev}, {peer_text}"),
-        _ => peer_text,
+        (true, Some(prev)) if !prev.is_empty() => {
+            let peer = conn.peer_header.as_bytes();
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer.len());
+            v.extend_from_slice(prev);
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(peer);
+            HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+        }
+        _ => None,
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert(&X_FORWARDED_FOR, v);
-    }
+    h.insert(
+        &X_FORWARDED_FOR,
+        appended.unwrap_or_else(|| conn.peer_header.clone()),
+    );
     h.insert(&X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     let keep = h
         .get(&X_REQUEST_ID)
@@ -375,7 +391,8 @@ fn set_forwarding_headers<B>(req: &mut Request<B>, peer: IpAddr, peer_trusted: b
     }
 }
 
-/// A unique-enough request id: process-random prefix and a counter.
+/// A unique-enough request id: a process-random prefix and a counter, 32
+/// lowercase hex digits.
 fn request_id() -> HeaderValue {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -386,20 +403,66 @@ fn request_id() -> HeaderValue {
         RandomState::new().hash_one(std::process::id())
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    HeaderValue::from_str(&format!("{seed:016x}{n:016x}")).expect("hex is a valid header")
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, word) in [seed, n].into_iter().enumerate() {
+        for j in 0..16 {
+            out[i * 16 + j] = HEX[((word >> (60 - 4 * j)) & 0xf) as usize];
+        }
+    }
+    HeaderValue::from_bytes(&out).expect("hex is a valid header")
 }
 
-/// Adds the legacy `X-RateLimit-*` trio and the IETF structured pair.
+/// Adds the legacy `X-RateLimit-*` trio and the IETF structured pair,
+/// without going through `format!` (this runs on every admitted request).
 pub fn rate_limit_headers(h: &mut http::HeaderMap, s: &BucketState) {
     let reset = s.reset.as_secs_f64().ceil() as u64;
     let window = s.window.as_secs_f64().ceil() as u64;
     h.insert(&X_RATELIMIT_LIMIT, HeaderValue::from(s.burst));
     h.insert(&X_RATELIMIT_REMAINING, HeaderValue::from(s.remaining));
     h.insert(&X_RATELIMIT_RESET, HeaderValue::from(reset));
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\";q={};w={}", s.name, s.burst, window)) {
+    if let Some(v) = structured(&s.name, b";q=", u64::from(s.burst), b";w=", window) {
         h.insert(&RATELIMIT_POLICY, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\";r={};t={}", s.name, s.remaining, reset)) {
+    if let Some(v) = structured(&s.name, b";r=", s.remaining, b";t=", reset) {
         h.insert(&RATELIMIT, v);
+    }
+}
+
+/// `"<name>"<ka><a><kb><b>`, e.g. `"tenant";r=9;t=1`.
+fn structured(name: &str, ka: &[u8], a: u64, kb: &[u8], b: u64) -> Option<HeaderValue> {
+    let mut fa = itoa::Buffer::new();
+    let mut fb = itoa::Buffer::new();
+    let (a, b) = (fa.format(a).as_bytes(), fb.format(b).as_bytes());
+    let mut v = Vec::with_capacity(name.len() + 2 + ka.len() + a.len() + kb.len() + b.len());
+    v.push(b'"');
+    v.extend_from_slice(name.as_bytes());
+    v.push(b'"');
+    v.extend_from_slice(ka);
+    v.extend_from_slice(a);
+    v.extend_from_slice(kb);
+    v.extend_from_slice(b);
+    HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+}
+
+/// What the request path knows of the client connection a request came on.
+pub struct ClientConn {
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// The peer's address as an `x-forwarded-for` value, made once.
+    peer_header: HeaderValue,
+    /// The connection's own upstream connection slot.
+    pub upstream: Affinity,
+}
+
+impl ClientConn {
+    /// The context of a connection accepted from `peer`.
+    pub fn new(peer: SocketAddr) -> ClientConn {
+        ClientConn {
+            peer,
+            peer_header: HeaderValue::from_str(&peer.ip().to_string())
+                .expect("an IP address is a valid header value"),
+            upstream: Affinity::new(),
+        }
     }
 }

@@ -14,6 +14,9 @@
 
 mod cluster;
 pub use cluster::*;
+/// An origin that counts its TCP connections.
+mod counting_upstream;
+pub use counting_upstream::CountingUpstream;
 /// The fault-injecting TCP proxy.
 mod fault;
 /// HTTP client helpers.

@@ -1,0 +1,183 @@
+//! Connection affinity: each client connection gets its own keep-alive
+//! HTTP/1.1 connection to the upstream, driven by the client connection's
+//! own task.
+//!
+//! Why: with a shared pool (hyper-util's legacy client) every request pays
+//! for a pool checkout (a lock and a hashed key), a hop to the pooled
+//! connection's task and back, and a task spawned to return the connection
+//! to the pool. Here the upstream connection lives in a slot owned by the
+//! client connection; the client connection's task polls it (see
+//! [`Affinity::drive`]) next to the server side, so a request and its
+//! response never leave the task that accepted them. This is HAProxy's
+//! classic "server-side keep-alive tied to the client connection".
+//!
+//! The cost is one upstream connection per *busy* client connection: the
+//! slot is released when the client connection goes quiet (see
+//! [`Affinity::release`], called by the listener's per-connection check)
+//! or closes. Requests that cannot use the slot — a second concurrent
+//! HTTP/2 stream while the slot is busy, protocol upgrades — go through the
+//! worker's shared pool instead.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::UpstreamBody;
+
+type Sender = http1::SendRequest<UpstreamBody>;
+type Driver = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
+
+/// One client connection's upstream slot.
+#[derive(Default)]
+pub struct Affinity {
+    slot: Mutex<Slot>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// The idle connection's request handle (`None` while a request holds
+    /// it, or when there is no connection).
+    sender: Option<Sender>,
+    /// The connection itself, polled by [`Affinity::drive`].
+    driver: Option<Pin<Box<Driver>>>,
+    /// The client connection task, to wake when a driver is installed.
+    waker: Option<Waker>,
+    /// A request holds the slot.
+    busy: bool,
+}
+
+/// What a request found in the slot.
+pub(super) enum Claim<'a> {
+    /// An open connection, now held by this request.
+    Open(Lease<'a>, Sender),
+    /// No connection: this request holds the slot and must make one.
+    Empty(Lease<'a>),
+    /// Another request (an HTTP/2 stream) holds the slot.
+    Busy,
+}
+
+impl Affinity {
+    /// An empty slot.
+    pub fn new() -> Affinity {
+        Affinity::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drives the slot's upstream connection; never completes. The client
+    /// connection's task polls this alongside the server connection.
+    pub fn drive(&self) -> impl Future<Output = Infallible> + '_ {
+        std::future::poll_fn(move |cx| self.poll_drive(cx))
+    }
+
+    fn poll_drive(&self, cx: &mut Context<'_>) -> Poll<Infallible> {
+        let mut s = self.lock();
+        if let Some(d) = s.driver.as_mut()
+            && let Poll::Ready(r) = d.as_mut().poll(cx)
+        {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upstream connection ended with error");
+            }
+            s.driver = None;
+            s.sender = None;
+        }
+        if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            s.waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Closes the upstream connection unless a request is using it (the
+    /// client connection has gone quiet).
+    pub fn release(&self) {
+        let mut s = self.lock();
+        if !s.busy {
+            s.sender = None;
+            s.driver = None;
+        }
+    }
+
+    /// Claims the slot for one request.
+    pub(super) async fn claim(&self) -> Claim<'_> {
+        std::future::poll_fn(|cx| Poll::Ready(self.poll_claim(cx))).await
+    }
+
+    fn poll_claim(&self, cx: &mut Context<'_>) -> Claim<'_> {
+        let mut s = self.lock();
+        if s.busy {
+            return Claim::Busy;
+        }
+        // An upstream that closed an idle connection has usually told us
+        // so already (FIN), but the driver may not have been polled since:
+        // poll it now, when this request runs on the task that drives it
+        // (an HTTP/1 request always does; polling it from another task
+        // would steal its wake-ups), so a dead connection is not reused.
+        if s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+            && let Some(d) = s.driver.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            s.driver = None;
+            s.sender = None;
+        }
+        s.busy = true;
+        let lease = Lease {
+            affinity: self,
+            returned: false,
+        };
+        match s.sender.take() {
+            Some(sender) if !sender.is_closed() => Claim::Open(lease, sender),
+            _ => {
+                s.driver = None;
+                Claim::Empty(lease)
+            }
+        }
+    }
+}
+
+/// A request's hold on the slot. Dropping it without [`Lease::put_back`]
+/// (an error, a timeout, a cancelled request) closes the connection, whose
+/// state is then unknown.
+pub(super) struct Lease<'a> {
+    affinity: &'a Affinity,
+    returned: bool,
+}
+
+impl Lease<'_> {
+    /// Installs a freshly made connection and wakes the task that drives it.
+    pub(super) fn install(&mut self, driver: Driver) {
+        let mut s = self.affinity.lock();
+        s.driver = Some(Box::pin(driver));
+        if let Some(w) = &s.waker {
+            w.wake_by_ref();
+        }
+    }
+
+    /// Hands the connection back for the client connection's next request.
+    pub(super) fn put_back(mut self, sender: Sender) {
+        let mut s = self.affinity.lock();
+        if !sender.is_closed() && s.driver.is_some() {
+            s.sender = Some(sender);
+        }
+        s.busy = false;
+        self.returned = true;
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if !self.returned {
+            let mut s = self.affinity.lock();
+            s.sender = None;
+            s.driver = None;
+            s.busy = false;
+        }
+    }
+}
