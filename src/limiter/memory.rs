@@ -81,8 +81,46 @@ impl Clock for ManualClock {
 /// One bucket's state: name, TAT, and the interval the TAT was written under.
 type Slot = (Arc<str>, u64, u64);
 
-/// A tenant's buckets.
-type Entry = Vec<Slot>;
+/// A tenant's buckets: nearly always one (the tenant bucket), kept inline
+/// so an idle tenant costs one map entry and its id (see
+/// `benches/tenant_memory.rs`); route buckets spill into a vector.
+enum Entry {
+    One(Slot),
+    Many(Vec<Slot>),
+}
+
+impl Entry {
+    fn slots(&self) -> &[Slot] {
+        match self {
+            Entry::One(s) => std::slice::from_ref(s),
+            Entry::Many(v) => v,
+        }
+    }
+
+    fn slots_mut(&mut self) -> &mut [Slot] {
+        match self {
+            Entry::One(s) => std::slice::from_mut(s),
+            Entry::Many(v) => v,
+        }
+    }
+
+    fn find_mut(&mut self, name: &str) -> Option<&mut Slot> {
+        self.slots_mut().iter_mut().find(|(n, _, _)| **n == *name)
+    }
+
+    fn push(&mut self, slot: Slot) {
+        match self {
+            Entry::Many(v) => v.push(slot),
+            Entry::One(_) => {
+                let Entry::One(first) = std::mem::replace(self, Entry::Many(Vec::with_capacity(2)))
+                else {
+                    unreachable!()
+                };
+                *self = Entry::Many(vec![first, slot]);
+            }
+        }
+    }
+}
 
 struct Shard {
     map: Mutex<HashMap<TenantId, Entry>>,
@@ -139,43 +177,49 @@ impl MemoryLimiter {
             .map
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        let entry = map.get(tenant);
-        if let Some(entry) = entry {
+        if let Some(entry) = map.get(tenant) {
+            let slots = entry.slots();
             for ((t, b), g) in tats.iter_mut().zip(buckets).zip(&gcras) {
-                *t = entry
+                *t = slots
                     .iter()
                     .find(|(name, _, _)| **name == *b.name)
                     .map_or(0, |(_, tat, iv)| g.normalize(*tat, *iv, now));
             }
         }
         let decision = evaluate(buckets, &gcras[..n], &mut tats[..n], now, NANOS);
-        if matches!(decision, Decision::Deny { .. }) {
-            // Nothing is debited, but a TAT re-expressed under a new interval
-            // is stored so that time from now on counts at the new rate.
-            if let Some(entry) = map.get_mut(tenant) {
+        let admitted = matches!(decision, Decision::Allow { .. });
+        match map.get_mut(tenant) {
+            Some(entry) => {
                 for ((b, tat), g) in buckets.iter().zip(&tats[..n]).zip(&gcras) {
-                    if let Some(slot) = entry.iter_mut().find(|(name, _, _)| **name == *b.name)
-                        && slot.2 != g.interval
-                    {
-                        slot.1 = *tat;
-                        slot.2 = g.interval;
+                    match entry.find_mut(&b.name) {
+                        // Admitted: the debited TAT. Refused: nothing is
+                        // debited, but a TAT re-expressed under a new
+                        // interval is stored so that time from now on
+                        // counts at the new rate.
+                        Some(slot) if admitted || slot.2 != g.interval => {
+                            slot.1 = *tat;
+                            slot.2 = g.interval;
+                        }
+                        Some(_) => {}
+                        None if admitted => entry.push((b.name.clone(), *tat, g.interval)),
+                        None => {}
                     }
                 }
             }
-        } else {
-            let entry = match map.get_mut(tenant) {
-                Some(e) => e,
-                None => map.entry(tenant.clone()).or_default(),
-            };
-            for ((b, tat), g) in buckets.iter().zip(&tats[..n]).zip(&gcras) {
-                match entry.iter_mut().find(|(name, _, _)| **name == *b.name) {
-                    Some(slot) => {
-                        slot.1 = *tat;
-                        slot.2 = g.interval;
-                    }
-                    None => entry.push((b.name.clone(), *tat, g.interval)),
+            None if admitted => {
+                let mut slots = buckets
+                    .iter()
+                    .zip(&tats[..n])
+                    .zip(&gcras)
+                    .map(|((b, tat), g)| (b.name.clone(), *tat, g.interval));
+                let first = slots.next().expect("at least one bucket");
+                let mut entry = Entry::One(first);
+                for slot in slots {
+                    entry.push(slot);
                 }
+                map.insert(tenant.clone(), entry);
             }
+            None => {}
         }
         decision
     }
@@ -190,7 +234,7 @@ impl MemoryLimiter {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(entry) = map.get_mut(tenant)
-            && let Some(slot) = entry.iter_mut().find(|(n, _, _)| **n == *bucket.name)
+            && let Some(slot) = entry.find_mut(&bucket.name)
         {
             let per_token = if slot.2 == 0 { g.interval } else { slot.2 };
             slot.1 = slot.1.saturating_sub(per_token * bucket.cost as u64);
@@ -208,7 +252,7 @@ impl MemoryLimiter {
             .unwrap_or_else(|p| p.into_inner());
         let tat = map
             .get(tenant)
-            .and_then(|e| e.iter().find(|(n, _, _)| **n == *bucket.name))
+            .and_then(|e| e.slots().iter().find(|(n, _, _)| **n == *bucket.name))
             .map_or(0, |(_, t, iv)| g.normalize(*t, *iv, now));
         g.remaining(now, tat)
     }
@@ -220,8 +264,14 @@ impl MemoryLimiter {
         for shard in self.shards.iter() {
             let mut map = shard.map.lock().unwrap_or_else(|p| p.into_inner());
             let before = map.len();
-            map.retain(|_, entry| entry.iter().any(|(_, tat, _)| *tat > now));
+            map.retain(|_, entry| entry.slots().iter().any(|(_, tat, _)| *tat > now));
             removed += before - map.len();
+            // Give the memory back after a burst of tenants has gone idle
+            // (keeping room to grow again without rehashing at once).
+            let len = map.len();
+            if map.capacity() > 4 * len.max(64) {
+                map.shrink_to(2 * len);
+            }
         }
         removed
     }
