@@ -16,7 +16,7 @@
 //! sequence of decisions and evaluates them one after another, each
 //! all-or-nothing, in arrival order, exactly as separate calls would, and
 //! Redis runs the whole script atomically, so the counts are exact. A
-//! decision goes out at once while fewer than two batches are in flight,
+//! decision goes out at once while fewer than four batches are in flight,
 //! so a quiet worker adds no latency; under load the decisions that arrive
 //! meanwhile share the next call (up to 128 per call). On a Cluster the
 //! tenants' keys live on different slots, so each decision is its own call
