@@ -1,0 +1,273 @@
+//! The redis limiter's batching: one worker's concurrent decisions share one
+//! script call, and that changes no count (SPEC §4 exactness) and no failure
+//! behaviour (SPEC §6). Drives `RedisLimiter` and `Limiter` directly, against
+//! throw-away `redis-server`s, on current-thread runtimes like tiergate's
+//! workers. Rates are `/m`, so every count is exact.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{Fault, FaultProxy, RedisServer};
+use futures_util::future::join_all;
+use tiergate::config::{Limit, OnError, Rate, RedisConfig, RedisTarget};
+use tiergate::identity::TenantId;
+use tiergate::limiter::{
+    BackendHealth, BucketSpec, Decision, Limiter, LimiterError, MemoryLimiter, Outcome,
+    RedisLimiter,
+};
+use tiergate::metrics::Metrics;
+
+fn redis_config(url: &str, prefix: &str, timeout: Duration) -> RedisConfig {
+    RedisConfig {
+        target: RedisTarget::Single(url.to_string()),
+        key_prefix: prefix.to_string(),
+        timeout,
+    }
+}
+
+fn bucket(name: &str, rate: &str, burst: u32, cost: u32) -> BucketSpec {
+    BucketSpec {
+        name: Arc::from(name),
+        limit: Limit {
+            rate: Rate::parse(rate).expect("rate"),
+            burst,
+        },
+        cost,
+    }
+}
+
+fn tenant(s: &str) -> TenantId {
+    TenantId::parse(s).expect("tenant id")
+}
+
+/// A current-thread runtime, like each tiergate worker's.
+fn worker_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// How many `EVALSHA` commands the server has executed so far.
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    let stats = server.cli(&["INFO", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .map(|rest| {
+            rest.split(',')
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("calls count")
+        })
+        .unwrap_or(0)
+}
+
+/// A decision reduced to what does not depend on the microseconds between
+/// two calls: verdict, reporting bucket, whole tokens left, and reset and
+/// retry-after in whole seconds (the rates here are per minute).
+fn summary(d: &Decision) -> (bool, String, u64, u64, u64) {
+    let secs = |d: Duration| d.as_secs_f64().round() as u64;
+    match d {
+        Decision::Allow { state } => (
+            true,
+            state.name.to_string(),
+            state.remaining,
+            secs(state.reset),
+            0,
+        ),
+        Decision::Deny { state, retry_after } => (
+            false,
+            state.name.to_string(),
+            state.remaining,
+            secs(state.reset),
+            secs(*retry_after),
+        ),
+    }
+}
+
+/// Two workers (two limiters, each on its own runtime and thread) flood one
+/// tenant with 100 concurrent decisions each: the batches they send must
+/// admit exactly the burst between them, and the decisions must really have
+/// been batched (far fewer script calls than decisions).
+#[test]
+fn concurrent_decisions_from_two_workers_admit_exactly_the_burst() {
+    let server = RedisServer::start();
+    let cfg = redis_config(&server.url(), "tg", Duration::from_secs(5));
+    let buckets = [bucket("tenant", "10/m", 10, 1)];
+    let before = evalsha_calls(&server);
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let cfg = cfg.clone();
+            let buckets = buckets.clone();
+            std::thread::spawn(move || {
+                worker_runtime().block_on(async {
+                    let limiter = RedisLimiter::new(&cfg).expect("limiter");
+                    let acme = tenant("acme");
+                    let calls = (0..100).map(|_| limiter.check(&acme, &buckets, 0));
+                    join_all(calls)
+                        .await
+                        .into_iter()
+                        .map(|r| match r.expect("redis decision") {
+                            Decision::Allow { .. } => 1,
+                            Decision::Deny { .. } => 0,
+                        })
+                        .sum::<u32>()
+                })
+            })
+        })
+        .collect();
+    let admitted: u32 = workers.into_iter().map(|w| w.join().expect("worker")).sum();
+    assert_eq!(admitted, 10, "exactly the burst is admitted");
+    let calls = evalsha_calls(&server) - before;
+    assert!(
+        calls <= 20,
+        "200 decisions should share a few script calls, took {calls}"
+    );
+}
+
+/// A batch that mixes tenants, routes, costs and refusals must give every
+/// decision the answer it gets when the same decisions are made one at a
+/// time, in the same order (against separate keys of the same server).
+#[tokio::test]
+async fn a_batch_mixing_tenants_and_buckets_decides_like_one_call_at_a_time() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_secs(5);
+    let one_by_one =
+        RedisLimiter::new(&redis_config(&server.url(), "seq", timeout)).expect("limiter");
+    let batched = RedisLimiter::new(&redis_config(&server.url(), "bat", timeout)).expect("limiter");
+
+    let tier = bucket("tenant", "1/m", 4, 1);
+    let export = bucket("export", "1/m", 2, 1);
+    let bulk = bucket("export", "1/m", 2, 2);
+    let ip = bucket("ip", "2/m", 3, 1);
+    let shapes: [Vec<BucketSpec>; 4] = [
+        vec![tier.clone()],
+        vec![tier.clone(), export],
+        vec![tier.clone(), bulk, ip.clone()],
+        vec![ip, tier],
+    ];
+    let decisions: Vec<(TenantId, Vec<BucketSpec>)> = (0..24)
+        .map(|i| {
+            let t = tenant(["a", "b", "c"][i % 3]);
+            (t, shapes[(i / 3 + i) % 4].clone())
+        })
+        .collect();
+
+    let mut expected = Vec::new();
+    for (t, b) in &decisions {
+        expected.push(summary(&one_by_one.check(t, b, 0).await.expect("decision")));
+    }
+
+    let before = evalsha_calls(&server);
+    let got: Vec<_> = join_all(decisions.iter().map(|(t, b)| batched.check(t, b, 0)))
+        .await
+        .into_iter()
+        .map(|r| summary(&r.expect("decision")))
+        .collect();
+    let calls = evalsha_calls(&server) - before;
+
+    assert_eq!(got, expected);
+    assert!(
+        expected.iter().any(|d| d.0) && expected.iter().any(|d| !d.0),
+        "the sequence admits some and refuses some: {expected:?}"
+    );
+    assert!(
+        expected.iter().any(|d| !d.0 && d.1 == "export"),
+        "a route bucket refuses while the tenant bucket has room: {expected:?}"
+    );
+    assert!(
+        calls <= 3,
+        "24 concurrent decisions should share a few script calls, took {calls}"
+    );
+}
+
+/// Redis killed under concurrent load: every queued decision comes back as
+/// an error (no caller is left waiting on a batch that will never answer),
+/// and `Limiter` applies `on_error` to each.
+#[tokio::test]
+async fn decisions_of_a_failed_batch_fail_by_on_error_instead_of_hanging() {
+    let mut server = RedisServer::start();
+    let cfg = redis_config(&server.url(), "tg", Duration::from_secs(2));
+    let buckets = [bucket("tenant", "1/m", 1000, 1)];
+    let acme = tenant("acme");
+    let metrics = Arc::new(Metrics::new(prometheus::Registry::new()));
+    let limiter = |on_error| {
+        Limiter::redis(
+            RedisLimiter::new(&cfg).expect("limiter"),
+            Arc::new(MemoryLimiter::new()),
+            on_error,
+            BackendHealth::new(on_error, metrics.clone()),
+            metrics.clone(),
+        )
+    };
+    let deny = limiter(OnError::Deny);
+    let local = limiter(OnError::Local);
+    let raw = RedisLimiter::new(&cfg).expect("limiter");
+    for l in [&deny, &local] {
+        assert!(matches!(
+            l.check(&acme, &buckets).await,
+            Outcome::Decided(Decision::Allow { .. })
+        ));
+    }
+    raw.check(&acme, &buckets, 0).await.expect("redis is up");
+
+    server.kill();
+    let all = async {
+        let raw_results = join_all((0..50).map(|_| raw.check(&acme, &buckets, 0))).await;
+        let deny_results = join_all((0..50).map(|_| deny.check(&acme, &buckets))).await;
+        let local_results = join_all((0..50).map(|_| local.check(&acme, &buckets))).await;
+        (raw_results, deny_results, local_results)
+    };
+    let (raw_results, deny_results, local_results) =
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("decisions of a failed batch must not hang");
+    for r in raw_results {
+        assert!(
+            matches!(r, Err(LimiterError::Unavailable(_) | LimiterError::Timeout)),
+            "{r:?}"
+        );
+    }
+    for o in deny_results {
+        assert_eq!(o, Outcome::Unavailable);
+    }
+    for o in local_results {
+        assert!(
+            matches!(o, Outcome::Decided(Decision::Allow { .. })),
+            "{o:?}"
+        );
+    }
+}
+
+/// A Redis that stops answering: each decision is bounded by the call
+/// timeout on its own and answered `Timeout`, batch or not.
+#[tokio::test]
+async fn decisions_queued_behind_a_silent_redis_time_out() {
+    let server = RedisServer::start();
+    let proxy = FaultProxy::start(server.addr());
+    let cfg = redis_config(&proxy.redis_url(), "tg", Duration::from_millis(300));
+    let limiter = RedisLimiter::new(&cfg).expect("limiter");
+    let buckets = [bucket("tenant", "1/m", 1000, 1)];
+    let acme = tenant("acme");
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            limiter.check(&acme, &buckets, 0).await.is_ok()
+        })
+        .await,
+        "redis answers through the proxy"
+    );
+
+    proxy.set(Fault::Blackhole);
+    let results = tokio::time::timeout(
+        Duration::from_secs(60),
+        join_all((0..20).map(|_| limiter.check(&acme, &buckets, 0))),
+    )
+    .await
+    .expect("decisions behind a silent redis must not hang");
+    for r in results {
+        assert_eq!(r, Err(LimiterError::Timeout));
+    }
+}
