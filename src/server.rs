@@ -170,7 +170,10 @@ pub async fn run_worker(
             check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             check.tick().await;
             loop {
+                // Biased: the hot branches first, and no per-poll random
+                // branch order (the others are rarely ready).
                 tokio::select! {
+                    biased;
                     res = conn.as_mut() => {
                         if let Err(e) = res {
                             tracing::debug!(error = %e, peer = %peer, "connection ended with error");
