@@ -438,6 +438,8 @@ fn throughput(s: &Settings, list: &mut [Target], scripts: &Scripts) {
 struct FloodSample {
     flood: WrkResult,
     good: WrkResult,
+    /// The same good traffic just before, with no flood.
+    alone: WrkResult,
     /// Cores used by processes outside the bench during the run.
     foreign: f64,
 }
@@ -470,14 +472,17 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                     script: Some((scripts.good.clone(), vec![])),
                     headers: vec![],
                 };
+                let mut ac = good_run.spawn();
+                let alone = wrk::finish(&mut ac, s.duration);
+                pause();
                 let snap = targets::CpuSnap::now();
                 let mut fc = flood_run.spawn();
                 let mut gc = good_run.spawn();
                 let good = wrk::finish(&mut gc, s.duration);
                 let fl = wrk::finish(&mut fc, s.duration);
                 let foreign = targets::CpuSnap::now().foreign_cores_since(&snap);
-                match (fl, good) {
-                    (Ok(flood), Ok(good)) => {
+                match (fl, good.and_then(|g| alone.map(|a| (g, a)))) {
+                    (Ok(flood), Ok((good, alone))) => {
                         eprintln!(
                             "round {}/{} c{:<4} {:<20} flood {:>8.0} tries/s, {:>8} rejected | good {:>5.0} req/s p99 {:>8} non-2xx {}",
                             round + 1,
@@ -493,6 +498,7 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                         samples.entry((conns, i)).or_default().push(FloodSample {
                             flood,
                             good,
+                            alone,
                             foreign,
                         });
                     }
@@ -516,10 +522,10 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
         d = s.good_delay_ms
     );
     println!(
-        "| target | conns | flood tries/s | × its limit | flood admitted/s | flood rejected | good req/s | good p50 | good p99 | good non-2xx | other load | good p99 vs {REFERENCE} |"
+        "| target | conns | flood tries/s | × its limit | flood admitted/s | flood rejected | good req/s | good p50 | good p99 | good p99 alone | flood slows good p99 | good non-2xx | other load | good p99 vs {REFERENCE} |"
     );
     println!(
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for &conns in &s.conns {
         let reference = list
@@ -541,8 +547,9 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                 }
             }));
             let good_p99 = mean(v.iter().map(|x| x.good.p99_us));
+            let alone_p99 = mean(v.iter().map(|x| x.alone.p99_us));
             println!(
-                "| {} | {} | {:.0} | {:.0}× | {:.1} | {} | {:.0} | {} | {} | {} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.0}× | {:.1} | {} | {:.0} | {} | {} | {} | {:+.0}% | {} | {:.2} | {} |",
                 t.name,
                 conns,
                 tries,
@@ -552,6 +559,8 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                 mean(v.iter().map(|x| x.good.rps)),
                 fmt_us(mean(v.iter().map(|x| x.good.p50_us))),
                 fmt_us(good_p99),
+                fmt_us(alone_p99),
+                (good_p99 / alone_p99 - 1.0) * 100.0,
                 v.iter().map(|x| x.good.non2xx).sum::<u64>(),
                 mean(v.iter().map(|x| x.foreign)),
                 reference.map_or("–".into(), |r| format!("{:.2}", good_p99 / r)),
@@ -560,7 +569,8 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
     }
     println!();
     println!(
-        "(mean of {} rounds of {}s; `flood rejected` is the total of non-2xx over all rounds; \
+        "(mean of {} rounds of {}s; `good p99 alone` is the same good traffic run just before \
+         without the flood; `flood rejected` is the total of non-2xx over all rounds; \
          nginx proxy_pass does not limit, so its flood is all admitted)",
         s.rounds,
         s.duration.as_secs()
