@@ -17,6 +17,7 @@
 //! | `E2E_ROUNDS` | `2` | interleaved rounds; the table shows their mean |
 //! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time) |
 //! | `E2E_TARGETS` | all | comma-separated substrings of target names to run |
+//! | `E2E_BASELINE_BIN` | unset | another tiergate build (e.g. the last release) to run as `baseline memory` / `baseline redis` next to this one, for before/after ratios from one run |
 //!
 //! Everything runs on 127.0.0.1 on free ports, in a temp dir; every child
 //! process (nginx, haproxy, redis-server, tiergate, wrk) is killed on exit,
@@ -206,11 +207,20 @@ fn run(s: &Settings, tmp: &Path) {
     });
     let bin = PathBuf::from(BIN);
     add("tiergate memory", &[], &|| {
-        targets::tiergate(&bin, tmp, up, false, limits)
+        targets::tiergate(&bin, "tiergate memory", tmp, up, false, limits)
     });
     add("tiergate redis", &["redis-server"], &|| {
-        targets::tiergate(&bin, tmp, up, true, limits)
+        targets::tiergate(&bin, "tiergate redis", tmp, up, true, limits)
     });
+    // An older build, for before/after ratios measured in one run.
+    if let Some(base) = std::env::var_os("E2E_BASELINE_BIN").map(PathBuf::from) {
+        add("baseline memory", &[], &|| {
+            targets::tiergate(&base, "baseline memory", tmp, up, false, limits)
+        });
+        add("baseline redis", &["redis-server"], &|| {
+            targets::tiergate(&base, "baseline redis", tmp, up, true, limits)
+        });
+    }
     if list.is_empty() {
         println!("e2e: no target could be started");
         return;

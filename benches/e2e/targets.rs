@@ -251,16 +251,13 @@ pub fn haproxy(tmp: &Path, up: u16, limits: Limits) -> Result<Target, String> {
 /// The tiergate binary of this build, memory or redis backend.
 pub fn tiergate(
     bin: &Path,
+    name: &'static str,
     tmp: &Path,
     up: u16,
     redis: bool,
     limits: Limits,
 ) -> Result<Target, String> {
-    let (name, sub) = if redis {
-        ("tiergate redis", "tiergate-redis")
-    } else {
-        ("tiergate memory", "tiergate-memory")
-    };
+    let sub = name.replace(' ', "-");
     let dir = tmp.join(sub);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
     let redis_server = if redis {

@@ -169,12 +169,14 @@ pub struct RedisLimiter {
 /// TATs of the request's buckets; tokens are only ever taken between now and
 /// then, so a bucket's TAT can only grow and our copy is a lower bound. A
 /// later request that this lower bound already refuses would certainly be
-/// refused by Redis too, so it is answered here, with no Redis call — a
-/// tenant flooding at 100× its limit costs Redis at most one call per
-/// second per worker (entries are trusted for a second, see
-/// [`DenyCache::MAX_AGE_US`]), not one per request. Entries carry the bucket's (interval, tau): when an
-/// override or tier change alters the limit they no longer match and are
-/// ignored, so a raised limit helps at once. Times are mapped to the local
+/// refused by Redis too, so it is answered here, with no Redis call. A
+/// tenant flooding at 100× its limit costs Redis about two calls per token
+/// it is granted (one that takes the token, one that learns the next wait),
+/// per worker, plus one a second while a wait is longer than that (entries
+/// are trusted for a second, see [`DenyCache::MAX_AGE_US`]): not one per
+/// request. Entries carry the bucket's (interval, tau): when an override or
+/// tier change alters the limit they no longer match and are ignored, so a
+/// raised limit helps at once. Times are mapped to the local
 /// clock from the moment the call was *sent* (before Redis read its clock),
 /// which keeps the copy a lower bound. One cache per worker (no sharing).
 struct DenyCache {
