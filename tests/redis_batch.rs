@@ -184,6 +184,50 @@ async fn a_batch_mixing_tenants_and_buckets_decides_like_one_call_at_a_time() {
     );
 }
 
+/// A bucket whose rate changes between decisions of one batch (a tier
+/// change landing mid-batch): the script re-expresses the stored state in
+/// the new rate, and every later decision of the batch must see that, just
+/// as one call per decision would. The script keeps each key in a Lua table
+/// and writes it once at the end, so this is where that could go wrong.
+#[tokio::test]
+async fn a_rate_change_inside_a_batch_decides_like_one_call_at_a_time() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_secs(5);
+    let one_by_one =
+        RedisLimiter::new(&redis_config(&server.url(), "seq", timeout)).expect("limiter");
+    let batched = RedisLimiter::new(&redis_config(&server.url(), "bat", timeout)).expect("limiter");
+
+    let slow = vec![bucket("tenant", "1/m", 4, 1)];
+    let fast = vec![bucket("tenant", "2/m", 4, 1)];
+    let pattern = [
+        &slow, &slow, &fast, &slow, &fast, &fast, &slow, &fast, &slow, &slow,
+    ];
+    let t = tenant("upgraded");
+
+    let mut expected = Vec::new();
+    for b in pattern {
+        expected.push(summary(
+            &one_by_one.check(&t, b, 0).await.expect("decision"),
+        ));
+    }
+    let got: Vec<_> = join_all(pattern.iter().map(|b| batched.check(&t, b, 0)))
+        .await
+        .into_iter()
+        .map(|r| summary(&r.expect("decision")))
+        .collect();
+
+    assert_eq!(got, expected);
+    assert!(
+        expected.iter().any(|d| d.0) && expected.iter().any(|d| !d.0),
+        "the sequence admits some and refuses some: {expected:?}"
+    );
+    // Both rates left their mark on the stored value: 1/m refusals retry
+    // after a minute, 2/m ones after 30 s.
+    let retries: std::collections::BTreeSet<u64> =
+        expected.iter().filter(|d| !d.0).map(|d| d.4).collect();
+    assert_eq!(retries, [30, 60].into(), "{expected:?}");
+}
+
 /// Redis killed under concurrent load: every queued decision comes back as
 /// an error (no caller is left waiting on a batch that will never answer),
 /// and `Limiter` applies `on_error` to each.
