@@ -3,6 +3,7 @@
 //! (addresses, Redis errors) are logged where they happen and never reach
 //! this table's output.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::identity::{IdentityError, TenantId};
 use crate::metrics::DecisionLabel;
@@ -61,6 +62,25 @@ impl From<IdentityError> for ProxyError {
     }
 }
 
+/// The JSON body of a response tiergate makes itself (SPEC §5). Fields are
+/// in alphabetical order, as they always were.
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'static str,
+    message: &'a str,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    limited: Option<Limited<'a>>,
+}
+
+/// The fields a 429 adds (`null` where unknown, e.g. the ip guard's).
+#[derive(Serialize)]
+struct Limited<'a> {
+    retry_after_seconds: u64,
+    route: Option<&'a str>,
+    tenant: Option<&'a str>,
+    tier: Option<&'a str>,
+}
+
 /// Seconds for `Retry-After`: ceil, at least 1.
 pub fn retry_after_secs(d: Duration) -> u64 {
     (d.as_secs_f64().ceil() as u64).max(1)
@@ -68,7 +88,7 @@ pub fn retry_after_secs(d: Duration) -> u64 {
 
 impl ProxyError {
     /// `(status, code, message)` — the table.
-    pub fn parts(&self) -> (StatusCode, &'static str, String) {
+    pub fn parts(&self) -> (StatusCode, &'static str, Cow<'static, str>) {
         match self {
             ProxyError::RateLimited { tenant: None, .. } => (
                 StatusCode::TOO_MANY_REQUESTS,
@@ -88,7 +108,7 @@ impl ProxyError {
             ProxyError::InvalidToken(why) => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_token",
-                format!("invalid token: {why}"),
+                format!("invalid token: {why}").into(),
             ),
             ProxyError::InvalidTenant => (
                 StatusCode::BAD_REQUEST,
@@ -135,20 +155,30 @@ impl ProxyError {
     /// Builds the JSON response with `x-tiergate-error`.
     pub fn to_response(&self) -> Response<Full<Bytes>> {
         let (status, code, message) = self.parts();
-        let mut body = json!({ "error": code, "message": message });
-        if let ProxyError::RateLimited {
-            tenant,
-            tier,
-            route,
-            retry_after,
-        } = self
-        {
-            body["tenant"] = json!(tenant.as_ref().map(|t| t.as_str()));
-            body["tier"] = json!(tier.as_deref());
-            body["route"] = json!(route.as_deref());
-            body["retry_after_seconds"] = json!(retry_after_secs(*retry_after));
-        }
-        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        let limited = match self {
+            ProxyError::RateLimited {
+                tenant,
+                tier,
+                route,
+                retry_after,
+            } => Some(Limited {
+                retry_after_seconds: retry_after_secs(*retry_after),
+                route: route.as_deref(),
+                tenant: tenant.as_ref().map(|t| t.as_str()),
+                tier: tier.as_deref(),
+            }),
+            _ => None,
+        };
+        let body = Body {
+            error: code,
+            message: &message,
+            limited,
+        };
+        // A struct of borrowed fields serializes straight into one buffer
+        // (no map of owned keys to build and drop): this runs for every
+        // refusal of a flood.
+        let body = serde_json::to_vec(&body).unwrap_or_default();
+        let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -175,5 +205,48 @@ impl ProxyError {
             _ => {}
         }
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http_body_util::BodyExt;
+
+    use super::*;
+
+    async fn body_of(e: ProxyError) -> String {
+        let bytes = e.to_response().into_body().collect().await.unwrap();
+        String::from_utf8(bytes.to_bytes().to_vec()).unwrap()
+    }
+
+    /// The exact bytes clients and scripts see: a 429 names every field,
+    /// `null` where unknown; other errors carry only `error` and `message`.
+    #[tokio::test]
+    async fn bodies_keep_their_fields_and_order() {
+        let ip_guard = ProxyError::RateLimited {
+            tenant: None,
+            tier: None,
+            route: None,
+            retry_after: Duration::from_millis(1500),
+        };
+        assert_eq!(
+            body_of(ip_guard).await,
+            r#"{"error":"rate_limited","message":"too many requests from this client address","retry_after_seconds":2,"route":null,"tenant":null,"tier":null}"#
+        );
+        let tenant = ProxyError::RateLimited {
+            tenant: Some(TenantId::for_ip("10.0.0.1".parse().unwrap())),
+            tier: Some("free".into()),
+            route: Some("export".into()),
+            retry_after: Duration::from_secs(60),
+        };
+        let body: serde_json::Value = serde_json::from_str(&body_of(tenant).await).unwrap();
+        assert_eq!(body["tier"], "free");
+        assert_eq!(body["route"], "export");
+        assert_eq!(body["retry_after_seconds"], 60);
+        assert!(body["tenant"].is_string(), "{body}");
+        assert_eq!(
+            body_of(ProxyError::InvalidToken("expired".into())).await,
+            r#"{"error":"invalid_token","message":"invalid token: expired"}"#
+        );
     }
 }
