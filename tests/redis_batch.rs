@@ -1,6 +1,6 @@
 //! The redis limiter's batching: one worker's concurrent decisions share one
 //! script call, and that changes no count (SPEC §4 exactness) and no failure
-//! behaviour (SPEC §6). Drives `RedisLimiter` and `Limiter` directly, against
+//! behaviour (SPEC §6); and its deny cache across a rate change. Drives `RedisLimiter` and `Limiter` directly, against
 //! throw-away `redis-server`s, on current-thread runtimes like tiergate's
 //! workers. Rates are `/m`, so every count is exact.
 
@@ -226,6 +226,42 @@ async fn a_rate_change_inside_a_batch_decides_like_one_call_at_a_time() {
     let retries: std::collections::BTreeSet<u64> =
         expected.iter().filter(|d| !d.0).map(|d| d.4).collect();
     assert_eq!(retries, [30, 60].into(), "{expected:?}");
+}
+
+/// A bucket run at two rates in turn (a tier change): Redis re-expresses
+/// the stored TAT in each rate, and time spent at the faster rate drains
+/// it faster, so the TAT a refusal taught the deny cache at the slow rate
+/// is no longer a lower bound. The cache must forget it rather than refuse
+/// what Redis would now admit. (The 100/s bucket drains in 30 ms; the
+/// sleep only has to be longer than that.)
+#[tokio::test]
+async fn a_rate_change_makes_the_deny_cache_forget_the_old_wait() {
+    let server = RedisServer::start();
+    let limiter = RedisLimiter::new(&redis_config(&server.url(), "rc", Duration::from_secs(5)))
+        .expect("limiter");
+    let slow = vec![bucket("tenant", "1/s", 2, 1)];
+    let fast = vec![bucket("tenant", "100/s", 4, 1)];
+    let t = tenant("changing");
+
+    for _ in 0..2 {
+        let d = limiter.check(&t, &slow, 0).await.expect("decision");
+        assert!(matches!(d, Decision::Allow { .. }), "{d:?}");
+    }
+    // Refused by Redis: the cache learns "no token for ~2 s" at 1/s.
+    let d = limiter.check(&t, &slow, 0).await.expect("decision");
+    assert!(matches!(d, Decision::Deny { .. }), "{d:?}");
+    // At 100/s (burst 4) the same two tokens in use leave room: admitted,
+    // so nothing new is cached, and the bucket drains in 30 ms.
+    let d = limiter.check(&t, &fast, 0).await.expect("decision");
+    assert!(matches!(d, Decision::Allow { .. }), "{d:?}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Redis sees a full bucket now; a cache still trusting the 1/s wait
+    // (it is under a second old) would refuse.
+    let d = limiter.check(&t, &slow, 0).await.expect("decision");
+    assert!(
+        matches!(d, Decision::Allow { .. }),
+        "the bucket drained at 100/s, Redis admits: {d:?}"
+    );
 }
 
 /// Redis killed under concurrent load: every queued decision comes back as

@@ -176,7 +176,12 @@ pub struct RedisLimiter {
 /// are trusted for a second, see [`DenyCache::MAX_AGE_US`]): not one per
 /// request. Entries carry the bucket's (interval, tau): when an override or
 /// tier change alters the limit they no longer match and are ignored, so a
-/// raised limit helps at once. Times are mapped to the local
+/// raised limit helps at once, and this worker forgets them (a bucket run
+/// at two rates in turn, say during a tier change, can see its TAT lowered
+/// by the conversion between them). Another worker or replica running the
+/// same bucket at a different rate meanwhile can do the same unseen: for
+/// that window, at most [`DenyCache::MAX_AGE_US`], a refusal here may be
+/// one Redis would not have made. Times are mapped to the local
 /// clock from the moment the call was *sent* (before Redis read its clock),
 /// which keeps the copy a lower bound. One cache per worker (no sharing).
 struct DenyCache {
@@ -236,7 +241,7 @@ impl DenyCache {
             guard.map.clear();
             guard.generation = generation;
         }
-        let entries = &guard.map;
+        let entries = &mut guard.map;
         if entries.is_empty() {
             return None;
         }
@@ -244,11 +249,14 @@ impl DenyCache {
         let mut tats = [0u64; 4];
         let mut any = false;
         for (i, (b, g)) in buckets.iter().zip(gcras).enumerate() {
-            if let Some(c) = entries.get(&(tenant.clone(), b.name.clone()))
-                && c.gcra == *g
-                && c.tat > now
-                && now.saturating_sub(c.learnt) < Self::MAX_AGE_US
-            {
+            let key = (tenant.clone(), b.name.clone());
+            let Some(c) = entries.get(&key) else { continue };
+            if c.gcra != *g {
+                // This request runs the bucket at another rate: Redis will
+                // re-express its TAT in that rate, which can lower the TAT
+                // in the old one, so the entry is no longer a lower bound.
+                entries.remove(&key);
+            } else if c.tat > now && now.saturating_sub(c.learnt) < Self::MAX_AGE_US {
                 tats[i] = c.tat;
                 any = true;
             }
