@@ -103,6 +103,8 @@ pub struct Upstream {
     client: Client<HttpConnector, UpstreamBody>,
     scheme: Scheme,
     authority: Authority,
+    /// `authority` as a `Host` value.
+    host_header: HeaderValue,
     /// `host:port` to connect to (IPv6 literals without brackets).
     host: Arc<str>,
     port: u16,
@@ -136,10 +138,13 @@ impl Upstream {
         let port = authority
             .port_u16()
             .unwrap_or(if scheme == Scheme::HTTPS { 443 } else { 80 });
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .expect("an authority is a valid header value");
         Upstream {
             client,
             scheme,
             authority,
+            host_header,
             host,
             port,
             connect_timeout: cfg.connect_timeout,
@@ -166,12 +171,14 @@ impl Upstream {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        if !req.headers().contains_key(header::HOST)
-            && let Some(host) = req
+        if !req.headers().contains_key(header::HOST) {
+            // HTTP/1.0 without `Host`: the request's own authority, else
+            // the upstream's (what a pooled client would have sent).
+            let host = req
                 .uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
+                .unwrap_or_else(|| self.host_header.clone());
             req.headers_mut().insert(header::HOST, host);
         }
         *req.version_mut() = Version::HTTP_11;

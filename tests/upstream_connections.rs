@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{CountingUpstream, Tiergate, poll_until};
+use common::{CountingUpstream, Tiergate, Upstream, poll_until};
 
 fn config(upstream: &str, server_extra: &str) -> String {
     format!(
@@ -180,4 +180,149 @@ async fn concurrent_http2_streams_of_one_connection_all_get_through() {
         assert_eq!(&body[..], b"ok");
     }
     assert_eq!(up.requests(), 40);
+}
+
+/// Reads from `s` until `buf` contains `needle` (or EOF / the read timeout:
+/// then returns false).
+fn read_until(s: &mut TcpStream, buf: &mut Vec<u8>, needle: &[u8]) -> bool {
+    let mut chunk = [0u8; 4096];
+    while !buf.windows(needle.len()).any(|w| w == needle) {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
+}
+
+/// A response still streaming when the client connection goes quiet (a
+/// stream with pauses: here the echo of a request body whose sender
+/// pauses) keeps its upstream connection: the quiet-client release must
+/// not cut an exchange in the middle.
+#[test]
+fn a_pause_in_the_middle_of_a_streaming_exchange_does_not_cut_it() {
+    let up = Upstream::start();
+    // Checks run every header_read_timeout / 4 = 100 ms; the pause below
+    // spans several of them.
+    let tg = Tiergate::start(&config(
+        &up.url(),
+        "  header_read_timeout: 400ms\n  idle_timeout: 60s",
+    ));
+    let mut s = TcpStream::connect(tg.proxy_addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nhost: t\r\nx-tenant-id: acme\r\ncontent-type: text/plain\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .expect("write head and first chunk");
+    let mut buf = Vec::new();
+    assert!(
+        read_until(&mut s, &mut buf, b"hello"),
+        "first chunk echoed: {}",
+        String::from_utf8_lossy(&buf)
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    s.write_all(b"5\r\nworld\r\n0\r\n\r\n")
+        .expect("write the rest");
+    assert!(
+        read_until(&mut s, &mut buf, b"0\r\n\r\n"),
+        "the response was cut after the pause: {}",
+        String::from_utf8_lossy(&buf)
+    );
+    assert!(
+        String::from_utf8_lossy(&buf).contains("world"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+}
+
+/// An HTTP/2 stream whose response is still streaming holds the client
+/// connection's own upstream connection; a second stream must go another
+/// way at once, not wait behind it (nor, when it ends, take the first
+/// stream's upstream connection down with it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_http2_stream_does_not_wait_behind_a_streaming_one() {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::sync::mpsc;
+
+    type Frames = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>,
+    >;
+    /// A request body fed chunk by chunk through a channel.
+    fn body(rx: mpsc::Receiver<Bytes>) -> StreamBody<Frames> {
+        StreamBody::new(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) },
+        )))
+    }
+
+    let up = Upstream::start();
+    let tg = Tiergate::start(&config(&up.url(), ""));
+    let tcp = tokio::net::TcpStream::connect(tg.proxy_addr())
+        .await
+        .expect("connect");
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+
+    // Stream A: an echo whose request body is sent in two parts.
+    let (a_tx, a_rx) = mpsc::channel(4);
+    let req = hyper::Request::builder()
+        .method("POST")
+        .uri("http://t/echo")
+        .header("x-tenant-id", "acme")
+        .body(body(a_rx))
+        .unwrap();
+    a_tx.send(Bytes::from_static(b"hello")).await.unwrap();
+    let mut a = sender.clone();
+    let resp = a.send_request(req).await.expect("stream A");
+    assert_eq!(resp.status(), 200);
+    let mut a_body = resp.into_body();
+    let first = a_body.frame().await.expect("a frame").expect("frame ok");
+    assert_eq!(first.into_data().ok().as_deref(), Some(&b"hello"[..]));
+
+    // Stream B while A is still open.
+    let (b_tx, b_rx) = mpsc::channel(1);
+    drop(b_tx);
+    let req = hyper::Request::builder()
+        .uri("http://t/b")
+        .header("x-tenant-id", "acme")
+        .body(body(b_rx))
+        .unwrap();
+    let mut b = sender.clone();
+    let resp = tokio::time::timeout(Duration::from_secs(5), b.send_request(req))
+        .await
+        .expect("stream B answered while A streams")
+        .expect("stream B");
+    assert_eq!(resp.status(), 200);
+
+    // A finishes intact.
+    a_tx.send(Bytes::from_static(b"world")).await.unwrap();
+    drop(a_tx);
+    let rest = a_body.collect().await.expect("rest of A").to_bytes();
+    assert_eq!(&rest[..], b"world");
+}
+
+/// An HTTP/1.0 request without `Host` reaches the upstream with one (the
+/// upstream's authority), as it did through the shared pool.
+#[test]
+fn an_http10_request_without_host_gets_the_upstreams() {
+    let up = Upstream::start();
+    let tg = Tiergate::start(&config(&up.url(), ""));
+    let resp = common::raw_http(
+        tg.proxy_addr(),
+        b"GET /h10 HTTP/1.0\r\nx-tenant-id: acme\r\n\r\n",
+        Duration::from_secs(5),
+    );
+    assert!(resp.starts_with("HTTP/1.0 200"), "{resp}");
+    let seen = up.last().expect("upstream saw the request");
+    let authority = up.url().trim_start_matches("http://").to_string();
+    assert_eq!(seen.header("host"), Some(authority.as_str()), "{seen:?}");
 }

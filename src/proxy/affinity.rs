@@ -14,9 +14,10 @@
 //! The cost is one upstream connection per *busy* client connection: the
 //! slot is released when the client connection goes quiet (see
 //! [`Affinity::release`], called by the listener's per-connection check)
-//! or closes. Requests that cannot use the slot — a second concurrent
-//! HTTP/2 stream while the slot is busy, protocol upgrades — go through the
-//! worker's shared pool instead.
+//! or closes, but never while a response body is still coming over it.
+//! Requests that cannot use the slot — an HTTP/2 stream while another
+//! stream's request or response is still on the connection, protocol
+//! upgrades — go through the worker's shared pool instead.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -95,11 +96,13 @@ impl Affinity {
         Poll::Pending
     }
 
-    /// Closes the upstream connection unless a request is using it (the
-    /// client connection has gone quiet).
+    /// Closes the upstream connection unless an exchange is using it (the
+    /// client connection has gone quiet). A response whose body is still
+    /// coming (a stream with pauses, a client slow to read) keeps it: the
+    /// connection is not ready for another request until that body ends.
     pub fn release(&self) {
         let mut s = self.lock();
-        if !s.busy {
+        if !s.busy && s.sender.as_ref().is_none_or(|snd| snd.is_ready()) {
             s.sender = None;
             s.driver = None;
         }
@@ -126,6 +129,15 @@ impl Affinity {
         {
             s.driver = None;
             s.sender = None;
+        }
+        if s.sender
+            .as_ref()
+            .is_some_and(|snd| !snd.is_ready() && !snd.is_closed())
+        {
+            // An earlier HTTP/2 stream's response body is still coming over
+            // this connection: this request must not wait behind it (nor,
+            // should it be cancelled, take that connection down with it).
+            return Claim::Busy;
         }
         s.busy = true;
         let lease = Lease {
