@@ -112,8 +112,7 @@ impl Entry {
         match self {
             Entry::Many(v) => v.push(slot),
             Entry::One(_) => {
-                let Entry::One(first) = std::mem::replace(self, Entry::Many(Vec::with_capacity(2)))
-                else {
+                let Entry::One(first) = std::mem::replace(self, Entry::Many(Vec::new())) else {
                     unreachable!()
                 };
                 *self = Entry::Many(vec![first, slot]);
