@@ -68,7 +68,7 @@ fn evalsha_calls(server: &RedisServer) -> u64 {
 /// A decision reduced to what does not depend on the microseconds between
 /// two calls: verdict, reporting bucket, whole tokens left, and reset and
 /// retry-after in whole seconds (the rates here are per minute).
-fn summary(d: &Decision) -> (bool, String, u64, u64, u64) {
+fn summary(d: &Decision) -> Summary {
     let secs = |d: Duration| d.as_secs_f64().round() as u64;
     match d {
         Decision::Allow { state } => (
@@ -128,17 +128,39 @@ fn concurrent_decisions_from_two_workers_admit_exactly_the_burst() {
     );
 }
 
-/// A batch that mixes tenants, routes, costs and refusals must give every
-/// decision the answer it gets when the same decisions are made one at a
-/// time, in the same order (against separate keys of the same server).
-#[tokio::test]
-async fn a_batch_mixing_tenants_and_buckets_decides_like_one_call_at_a_time() {
+/// A decision as [`summary`] reduces it.
+type Summary = (bool, String, u64, u64, u64);
+
+/// What one limiter answers to `decisions` made one at a time, what another
+/// (separate keys, same server) answers to them made all at once, and how
+/// many script calls the concurrent ones took.
+async fn one_at_a_time_and_batched(
+    decisions: &[(TenantId, Vec<BucketSpec>)],
+) -> (Vec<Summary>, Vec<Summary>, u64) {
     let server = RedisServer::start();
     let timeout = Duration::from_secs(5);
     let one_by_one =
         RedisLimiter::new(&redis_config(&server.url(), "seq", timeout)).expect("limiter");
     let batched = RedisLimiter::new(&redis_config(&server.url(), "bat", timeout)).expect("limiter");
+    let mut expected = Vec::new();
+    for (t, b) in decisions {
+        expected.push(summary(&one_by_one.check(t, b, 0).await.expect("decision")));
+    }
+    let before = evalsha_calls(&server);
+    let got: Vec<_> = join_all(decisions.iter().map(|(t, b)| batched.check(t, b, 0)))
+        .await
+        .into_iter()
+        .map(|r| summary(&r.expect("decision")))
+        .collect();
+    let calls = evalsha_calls(&server) - before;
+    (expected, got, calls)
+}
 
+/// A batch that mixes tenants, routes, costs and refusals must give every
+/// decision the answer it gets when the same decisions are made one at a
+/// time, in the same order (against separate keys of the same server).
+#[tokio::test]
+async fn a_batch_mixing_tenants_and_buckets_decides_like_one_call_at_a_time() {
     let tier = bucket("tenant", "1/m", 4, 1);
     let export = bucket("export", "1/m", 2, 1);
     let bulk = bucket("export", "1/m", 2, 2);
@@ -156,19 +178,7 @@ async fn a_batch_mixing_tenants_and_buckets_decides_like_one_call_at_a_time() {
         })
         .collect();
 
-    let mut expected = Vec::new();
-    for (t, b) in &decisions {
-        expected.push(summary(&one_by_one.check(t, b, 0).await.expect("decision")));
-    }
-
-    let before = evalsha_calls(&server);
-    let got: Vec<_> = join_all(decisions.iter().map(|(t, b)| batched.check(t, b, 0)))
-        .await
-        .into_iter()
-        .map(|r| summary(&r.expect("decision")))
-        .collect();
-    let calls = evalsha_calls(&server) - before;
-
+    let (expected, got, calls) = one_at_a_time_and_batched(&decisions).await;
     assert_eq!(got, expected);
     assert!(
         expected.iter().any(|d| d.0) && expected.iter().any(|d| !d.0),
@@ -191,30 +201,16 @@ async fn a_batch_mixing_tenants_and_buckets_decides_like_one_call_at_a_time() {
 /// and writes it once at the end, so this is where that could go wrong.
 #[tokio::test]
 async fn a_rate_change_inside_a_batch_decides_like_one_call_at_a_time() {
-    let server = RedisServer::start();
-    let timeout = Duration::from_secs(5);
-    let one_by_one =
-        RedisLimiter::new(&redis_config(&server.url(), "seq", timeout)).expect("limiter");
-    let batched = RedisLimiter::new(&redis_config(&server.url(), "bat", timeout)).expect("limiter");
-
     let slow = vec![bucket("tenant", "1/m", 4, 1)];
     let fast = vec![bucket("tenant", "2/m", 4, 1)];
     let pattern = [
         &slow, &slow, &fast, &slow, &fast, &fast, &slow, &fast, &slow, &slow,
     ];
     let t = tenant("upgraded");
+    let decisions: Vec<(TenantId, Vec<BucketSpec>)> =
+        pattern.iter().map(|b| (t.clone(), (*b).clone())).collect();
 
-    let mut expected = Vec::new();
-    for b in pattern {
-        expected.push(summary(
-            &one_by_one.check(&t, b, 0).await.expect("decision"),
-        ));
-    }
-    let got: Vec<_> = join_all(pattern.iter().map(|b| batched.check(&t, b, 0)))
-        .await
-        .into_iter()
-        .map(|r| summary(&r.expect("decision")))
-        .collect();
+    let (expected, got, _) = one_at_a_time_and_batched(&decisions).await;
 
     assert_eq!(got, expected);
     assert!(

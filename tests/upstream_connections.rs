@@ -143,22 +143,33 @@ fn a_quiet_client_connection_gives_its_upstream_connection_back() {
     assert_eq!(up.accepted(), 2);
 }
 
+/// One h2c (prior knowledge) client connection to `addr`, driven by a
+/// spawned task; clone the sender for concurrent streams.
+async fn h2c_connect<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    sender
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_http2_streams_of_one_connection_all_get_through() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
 
     let up = CountingUpstream::start(false);
     let tg = Tiergate::start(&config(&up.url(), ""));
-    let tcp = tokio::net::TcpStream::connect(tg.proxy_addr())
-        .await
-        .expect("connect");
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let sender = h2c_connect(tg.proxy_addr()).await;
     let mut tasks = Vec::new();
     for i in 0..40 {
         let mut s = sender.clone();
@@ -247,7 +258,6 @@ async fn a_second_http2_stream_does_not_wait_behind_a_streaming_one() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::Frame;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     use tokio::sync::mpsc;
 
     type Frames = std::pin::Pin<
@@ -263,14 +273,7 @@ async fn a_second_http2_stream_does_not_wait_behind_a_streaming_one() {
 
     let up = Upstream::start();
     let tg = Tiergate::start(&config(&up.url(), ""));
-    let tcp = tokio::net::TcpStream::connect(tg.proxy_addr())
-        .await
-        .expect("connect");
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .expect("h2 handshake");
-    tokio::spawn(conn);
+    let sender = h2c_connect(tg.proxy_addr()).await;
 
     // Stream A: an echo whose request body is sent in two parts.
     let (a_tx, a_rx) = mpsc::channel(4);
