@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::redis_server::redis_server_command;
 use super::run_with_timeout;
 
 /// Masters in a cluster.
@@ -353,24 +354,12 @@ fn cluster_ports() -> Vec<u16> {
 
 /// Spawns one cluster-enabled master.
 fn spawn_node(port: u16, dir: &Path, extra: &[&str]) -> Result<Child, String> {
-    let stderr = std::fs::File::create(dir.join("redis.stderr")).expect("create redis.stderr");
-    Command::new("redis-server")
+    redis_server_command(port, dir)
         .args(["--cluster-enabled", "yes"])
         .arg("--cluster-config-file")
         .arg(dir.join("nodes.conf"))
         .args(["--cluster-node-timeout", "1000"])
-        .args(["--port", &port.to_string()])
-        .args(["--bind", "127.0.0.1"])
-        .args(["--save", ""])
-        .args(["--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .arg("--logfile")
-        .arg(dir.join("redis.log"))
         .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
         .spawn()
         .map_err(|e| format!("spawning redis-server (is it installed?): {e}"))
 }

@@ -153,20 +153,7 @@ impl Drop for RedisServer {
 
 /// Spawns redis on `port` with `dir` as working dir and waits for PING.
 fn spawn_and_wait(port: u16, dir: &Path) -> Result<Child, StartError> {
-    let log = log_path(dir);
-    let stderr = std::fs::File::create(dir.join("redis.stderr")).expect("create redis.stderr");
-    let mut child = Command::new("redis-server")
-        .args(["--port", &port.to_string()])
-        .args(["--bind", "127.0.0.1"])
-        .args(["--save", ""])
-        .args(["--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .arg("--logfile")
-        .arg(&log)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(stderr)
+    let mut child = redis_server_command(port, dir)
         .spawn()
         .unwrap_or_else(|e| panic!("spawning redis-server (is it installed?): {e}"));
     let deadline = Instant::now() + READY_TIMEOUT;
@@ -187,6 +174,26 @@ fn spawn_and_wait(port: u16, dir: &Path) -> Result<Child, StartError> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A `redis-server` command on 127.0.0.1:`port` without persistence, with
+/// `dir` as its working dir, logging to `dir/redis.log` and its stderr to
+/// `dir/redis.stderr`; stdin and stdout are null. Callers may add arguments.
+pub(super) fn redis_server_command(port: u16, dir: &Path) -> Command {
+    let stderr = std::fs::File::create(dir.join("redis.stderr")).expect("create redis.stderr");
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--port", &port.to_string()])
+        .args(["--bind", "127.0.0.1"])
+        .args(["--save", ""])
+        .args(["--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(log_path(dir))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr);
+    cmd
 }
 
 /// Path of the redis log file inside `dir`.
