@@ -15,9 +15,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{RedisServer, Tiergate, Upstream, eventually};
+use common::{RedisServer, Resp, Tiergate, Upstream, eventually};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -71,25 +70,8 @@ fn start(yaml: &str) -> Tiergate {
     Tiergate::start_with_env(yaml, &[("TIERGATE_ADMIN_TOKEN", TOKEN)])
 }
 
-/// One response, fully read.
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: HeaderMap,
-    body: String,
-}
-
+/// Helpers on the shared [`Resp`] that only these tests use.
 impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .get(name)
-            .map(|v| v.to_str().expect("ascii header"))
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:#?}"))
-    }
-
     /// The error body's `message`, asserting the JSON error shape.
     fn error_message(&self) -> String {
         assert_eq!(
@@ -114,20 +96,12 @@ async fn send(
     headers: &[(&str, &str)],
     body: Option<Vec<u8>>,
 ) -> Resp {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut req = http.request(method, url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
+    let mut req = common::request(http, method, url, headers);
     if let Some(b) = body {
         req = req.body(b);
     }
     let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e:?}"));
-    Resp {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        body: resp.text().await.expect("body"),
-    }
+    Resp::read(resp).await
 }
 
 /// An authenticated client of one instance's admin API.

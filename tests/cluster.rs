@@ -77,15 +77,6 @@ routes:
     )
 }
 
-/// A reqwest client with a per-request bound.
-fn new_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("client")
-}
-
 /// One response, fully read.
 #[derive(Debug, Clone)]
 struct Resp {
@@ -112,13 +103,7 @@ async fn send(
     body: Option<&Value>,
 ) -> Resp {
     let started = Instant::now();
-    let mut req = http.request(
-        reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
-        url,
-    );
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
+    let mut req = common::request(http, method, url, headers);
     if let Some(b) = body {
         req = req.json(b);
     }
@@ -274,7 +259,7 @@ async fn replicas_on_a_cluster_admit_exactly_burst_together() {
     let yaml = config(&upstream.url(), &cluster.urls(), "2s", "deny", &[]);
     let a = replica(&yaml);
     let b = replica(&yaml);
-    let http = new_client();
+    let http = common::client_5s();
     wait_connected(&http, &a).await;
     wait_connected(&http, &b).await;
 
@@ -387,7 +372,7 @@ async fn overrides_propagate_between_replicas_on_a_cluster() {
     let yaml = config(&upstream.url(), &cluster.urls(), "2s", "deny", &[]);
     let a = replica(&yaml);
     let b = replica(&yaml);
-    let http = new_client();
+    let http = common::client_5s();
     wait_connected(&http, &a).await;
     wait_connected(&http, &b).await;
 
@@ -504,7 +489,7 @@ fn load(
             let url = format!("{}/load", tg.proxy_url());
             let tenant = tenant.clone();
             tokio::spawn(async move {
-                let http = new_client();
+                let http = common::client_5s();
                 let mut out = Vec::new();
                 while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(10) {
                     let at = t0.elapsed();
@@ -593,7 +578,7 @@ async fn master_dies(full_coverage: bool) {
     let upstream = Upstream::start();
     let yaml = config(&upstream.url(), &cluster.urls(), "50ms", "local", &bulk);
     let tg = replica(&yaml);
-    let http = new_client();
+    let http = common::client_5s();
     wait_connected(&http, &tg).await;
 
     // Before: Redis decides on every master (`free` tenants: the `bulk`
@@ -624,7 +609,7 @@ async fn master_dies(full_coverage: bool) {
         let stop = stop.clone();
         let url = format!("{}/readyz", tg.admin_url());
         tokio::spawn(async move {
-            let http = new_client();
+            let http = common::client_5s();
             let mut out = Vec::new();
             while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(10) {
                 let r = send(&http, "GET", &url, &[], None).await;

@@ -13,8 +13,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use common::{RedisServer, Tiergate, Upstream};
-use reqwest::header::HeaderMap;
+use common::{RedisServer, Resp, Tiergate, Upstream};
 use serde_json::{Value, json};
 
 // ---------------------------------------------------------------------------
@@ -56,48 +55,13 @@ struct Rig {
     http: reqwest::Client,
 }
 
-/// One response, fully read.
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: HeaderMap,
-    body: String,
-}
-
+/// Helpers on the shared [`Resp`] that only these tests use.
 impl Resp {
-    /// A header's value as text; panics if absent.
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .unwrap_or_else(|| panic!("no `{name}` header in {self:#?}"))
-            .to_str()
-            .expect("ascii header")
-    }
-
     /// A header parsed as an integer; panics if absent or not a number.
     fn int(&self, name: &str) -> u64 {
-        self.header(name)
+        self.expect_header(name)
             .parse()
             .unwrap_or_else(|e| panic!("`{name}` is not an integer ({e}) in {self:#?}"))
-    }
-
-    /// The body as JSON; panics if it is not JSON.
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:#?}"))
-    }
-
-    /// Whether any rate-limit header is present.
-    fn has_rate_limit_headers(&self) -> bool {
-        [
-            "x-ratelimit-limit",
-            "x-ratelimit-remaining",
-            "x-ratelimit-reset",
-            "ratelimit-policy",
-            "ratelimit",
-        ]
-        .iter()
-        .any(|h| self.headers.contains_key(*h))
     }
 }
 
@@ -134,23 +98,11 @@ impl Rig {
 
     /// Sends one request through the proxy and reads the whole response.
     async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Resp {
-        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut req = self.http.request(method, self.url(path));
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let resp = req
+        let resp = common::request(&self.http, method, &self.url(path), headers)
             .send()
             .await
             .unwrap_or_else(|e| panic!("{path}: {e}\n{}", self.tg.dump()));
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.text().await.expect("read body");
-        Resp {
-            status,
-            headers,
-            body,
-        }
+        Resp::read(resp).await
     }
 
     /// `GET path` with `headers`.
@@ -247,12 +199,12 @@ fn assert_rate_headers(
     );
     assert_secs("X-RateLimit-Reset", r.int("x-ratelimit-reset"), reset);
 
-    let (name, p) = sf_item(r.header("ratelimit-policy"));
+    let (name, p) = sf_item(r.expect_header("ratelimit-policy"));
     assert_eq!(name, bucket, "RateLimit-Policy bucket");
     assert_eq!(p.get("q"), Some(&burst), "RateLimit-Policy q");
     assert_eq!(p.get("w"), Some(&window), "RateLimit-Policy w");
 
-    let (name, p) = sf_item(r.header("ratelimit"));
+    let (name, p) = sf_item(r.expect_header("ratelimit"));
     assert_eq!(name, bucket, "RateLimit bucket");
     assert_eq!(p.get("r"), Some(&remaining), "RateLimit r");
     let t = *p.get("t").expect("RateLimit t");
@@ -269,8 +221,8 @@ fn assert_rate_headers(
 #[track_caller]
 fn assert_429(r: &Resp) -> Value {
     assert_eq!(r.status, 429, "{r:#?}");
-    assert_eq!(r.header("content-type"), "application/json");
-    assert_eq!(r.header("x-tiergate-error"), "rate_limited");
+    assert_eq!(r.expect_header("content-type"), "application/json");
+    assert_eq!(r.expect_header("x-tiergate-error"), "rate_limited");
     assert!(
         !r.headers.contains_key("x-upstream"),
         "a 429 is tiergate's own answer"
@@ -422,7 +374,11 @@ async fn admitted_responses_count_remaining_down_from_burst(backend: Backend) {
     for i in 1..=4u64 {
         let r = rig.get_as("acme", "/api/items").await;
         assert_eq!(r.status, 200, "{r:#?}");
-        assert_eq!(r.header("x-upstream"), "1", "the upstream's own answer");
+        assert_eq!(
+            r.expect_header("x-upstream"),
+            "1",
+            "the upstream's own answer"
+        );
         assert_rate_headers(&r, "tenant", 4, 4 - i, 60 * i, 240);
     }
 }
@@ -523,7 +479,7 @@ async fn exempt_route_needs_no_identity_and_is_never_limited(backend: Backend) {
         };
         let r = rig.get("/health", headers).await;
         assert_eq!(r.status, 200, "request {i}: {r:#?}\n{}", rig.tg.dump());
-        assert_eq!(r.header("x-upstream"), "1");
+        assert_eq!(r.expect_header("x-upstream"), "1");
         assert!(!r.has_rate_limit_headers(), "request {i}: {r:#?}");
         assert!(!r.headers.contains_key("x-tiergate-error"), "{r:#?}");
     }

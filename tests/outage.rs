@@ -72,16 +72,6 @@ tenants:
     )
 }
 
-/// A reqwest client with a per-request bound (a hung request is a finding,
-/// not a hung test).
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("client")
-}
-
 /// One proxied response.
 #[derive(Debug, Clone)]
 struct Resp {
@@ -214,7 +204,7 @@ impl Load {
                 let url = url.clone();
                 let tenant = tenant.to_string();
                 tokio::spawn(async move {
-                    let http = http();
+                    let http = common::client_5s();
                     let started = Instant::now();
                     let mut out = Vec::new();
                     while !stop.load(Ordering::Relaxed)
@@ -323,7 +313,7 @@ impl Rig {
             fault,
             _upstream: upstream,
             tg,
-            http: http(),
+            http: common::client_5s(),
         }
     }
 
@@ -742,7 +732,7 @@ async fn upstream_faults_are_not_limiter_faults() {
             "    timeout: 1s\n",
         );
     let tg = Tiergate::start(&yaml);
-    let http = http();
+    let http = common::client_5s();
     let upstream_timeout = Duration::from_millis(500);
     assert_eq!(get(&http, &tg, "load-0", "/").await.status, 200);
 

@@ -5,8 +5,7 @@
 
 mod common;
 
-use common::{RedisServer, Tiergate, Upstream};
-use reqwest::header::HeaderMap;
+use common::{RedisServer, Resp, Tiergate, Upstream};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -35,49 +34,28 @@ fn dead_redis_url() -> String {
     format!("redis://127.0.0.1:{}/0", common::free_port())
 }
 
-/// One response, fully read.
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: HeaderMap,
-    body: String,
+/// Starts tiergate against `dead_redis_url()` with `on_error` and [`TIERS`].
+fn start_with_dead_redis(upstream: &Upstream, on_error: &str) -> Tiergate {
+    Tiergate::start(&config(
+        &upstream.url(),
+        &format!("    url: \"{}\"\n", dead_redis_url()),
+        on_error,
+        TIERS,
+    ))
 }
 
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).map(|v| v.to_str().expect("ascii"))
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {self:#?}"))
-    }
-
-    fn has_rate_limit_headers(&self) -> bool {
-        [
-            "x-ratelimit-limit",
-            "x-ratelimit-remaining",
-            "x-ratelimit-reset",
-            "ratelimit-policy",
-            "ratelimit",
-        ]
-        .iter()
-        .any(|h| self.headers.contains_key(*h))
-    }
+/// The `/readyz` body of a redis-backed replica whose backend is degraded.
+fn degraded_readyz() -> Value {
+    json!({"status": "degraded", "backend": "redis", "degraded": true})
 }
 
 /// `method url` with `headers`, fully read.
 async fn send(http: &reqwest::Client, method: &str, url: &str, headers: &[(&str, &str)]) -> Resp {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-    let mut req = http.request(method, url);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
-    Resp {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        body: resp.text().await.expect("body"),
-    }
+    let resp = common::request(http, method, url, headers)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    Resp::read(resp).await
 }
 
 /// `GET {tg}{path}` as `tenant`.
@@ -275,12 +253,7 @@ async fn decisions_survive_script_flush() {
 #[tokio::test]
 async fn redis_down_with_on_error_deny_answers_503_and_readyz_is_503() {
     let upstream = Upstream::start();
-    let tg = Tiergate::start(&config(
-        &upstream.url(),
-        &format!("    url: \"{}\"\n", dead_redis_url()),
-        "deny",
-        TIERS,
-    ));
+    let tg = start_with_dead_redis(&upstream, "deny");
     let http = common::client();
     for _ in 0..5 {
         let r = get_as(&http, &tg, "acme", "/x").await;
@@ -299,13 +272,7 @@ async fn redis_down_with_on_error_deny_answers_503_and_readyz_is_503() {
     }
     assert_eq!(upstream.count(), 0);
     let (status, body) = readyz(&http, &tg).await;
-    assert_eq!(
-        (status, body),
-        (
-            503,
-            json!({"status": "degraded", "backend": "redis", "degraded": true})
-        )
-    );
+    assert_eq!((status, body), (503, degraded_readyz()));
 }
 
 /// SPEC §6 `on_error: allow` (fail open): a Redis outage admits every
@@ -314,12 +281,7 @@ async fn redis_down_with_on_error_deny_answers_503_and_readyz_is_503() {
 #[tokio::test]
 async fn redis_down_with_on_error_allow_admits_everything_without_headers() {
     let upstream = Upstream::start();
-    let tg = Tiergate::start(&config(
-        &upstream.url(),
-        &format!("    url: \"{}\"\n", dead_redis_url()),
-        "allow",
-        TIERS,
-    ));
+    let tg = start_with_dead_redis(&upstream, "allow");
     let http = common::client();
     for i in 0..10 {
         let r = get_as(&http, &tg, "acme", "/x").await;
@@ -329,13 +291,7 @@ async fn redis_down_with_on_error_allow_admits_everything_without_headers() {
     }
     assert_eq!(upstream.count(), 10);
     let (status, body) = readyz(&http, &tg).await;
-    assert_eq!(
-        (status, body),
-        (
-            200,
-            json!({"status": "degraded", "backend": "redis", "degraded": true})
-        )
-    );
+    assert_eq!((status, body), (200, degraded_readyz()));
 }
 
 /// SPEC §6 `on_error: local` (the default): with Redis unreachable each
@@ -344,12 +300,7 @@ async fn redis_down_with_on_error_allow_admits_everything_without_headers() {
 #[tokio::test]
 async fn redis_down_with_on_error_local_limits_exactly_by_local_buckets() {
     let upstream = Upstream::start();
-    let tg = Tiergate::start(&config(
-        &upstream.url(),
-        &format!("    url: \"{}\"\n", dead_redis_url()),
-        "local",
-        TIERS,
-    ));
+    let tg = start_with_dead_redis(&upstream, "local");
     let http = common::client();
     let mut seen = Vec::new();
     for _ in 0..6 {
@@ -384,13 +335,7 @@ async fn redis_down_with_on_error_local_limits_exactly_by_local_buckets() {
     );
     assert_eq!(upstream.count(), 6);
     let (status, body) = readyz(&http, &tg).await;
-    assert_eq!(
-        (status, body),
-        (
-            200,
-            json!({"status": "degraded", "backend": "redis", "degraded": true})
-        )
-    );
+    assert_eq!((status, body), (200, degraded_readyz()));
 }
 
 /// Before any failure the redis backend reports itself ready, so the
@@ -424,12 +369,7 @@ async fn healthy_redis_backend_is_ready_and_not_degraded() {
 #[tokio::test]
 async fn dead_redis_at_start_shows_in_readyz_without_any_traffic() {
     let upstream = Upstream::start();
-    let tg = Tiergate::start(&config(
-        &upstream.url(),
-        &format!("    url: \"{}\"\n", dead_redis_url()),
-        "deny",
-        TIERS,
-    ));
+    let tg = start_with_dead_redis(&upstream, "deny");
     let http = common::client();
     // Bounded polling: a background probe may take a moment.
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
@@ -444,10 +384,7 @@ async fn dead_redis_at_start_shows_in_readyz_without_any_traffic() {
         "no request sent, Redis down for 3 s: /readyz still says {last:?}\n{}",
         tg.dump()
     );
-    assert_eq!(
-        last.1,
-        json!({"status": "degraded", "backend": "redis", "degraded": true})
-    );
+    assert_eq!(last.1, degraded_readyz());
     assert_eq!(upstream.count(), 0);
 }
 

@@ -69,15 +69,6 @@ default_tier: free
     )
 }
 
-/// A reqwest client with a per-request bound.
-fn new_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("client")
-}
-
 /// One response, fully read.
 #[derive(Debug, Clone)]
 struct Resp {
@@ -101,13 +92,7 @@ async fn send(
     headers: &[(&str, &str)],
     body: Option<&Value>,
 ) -> Resp {
-    let mut req = http.request(
-        reqwest::Method::from_bytes(method.as_bytes()).expect("method"),
-        url,
-    );
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
+    let mut req = common::request(http, method, url, headers);
     if let Some(b) = body {
         req = req.json(b);
     }
@@ -154,7 +139,7 @@ async fn spread_burst(replicas: &[&Tiergate], tenant: &str, n: usize) -> Vec<Res
     let mut reqs = Vec::new();
     for &tg in replicas {
         for _ in 0..n {
-            reqs.push(async move { get(&new_client(), tg, tenant).await });
+            reqs.push(async move { get(&common::client_5s(), tg, tenant).await });
         }
     }
     futures_util::future::join_all(reqs).await
@@ -267,7 +252,7 @@ async fn reseed_after(loss: Loss) {
     ];
     let a = Tiergate::start_with_env(&yaml, &env);
     let b = Tiergate::start_with_env(&yaml, &env);
-    let http = new_client();
+    let http = common::client_5s();
     wait_ready(&http, &a, Duration::from_secs(3)).await;
     wait_ready(&http, &b, Duration::from_secs(3)).await;
     // Three overrides through A; B has them all (pub/sub) before the loss.

@@ -13,9 +13,21 @@ use hyper_util::rt::TokioExecutor;
 /// (`.no_proxy()`), with a 30 s overall per-request timeout as a safety net.
 /// HTTP/1.1 only; use [`h2c_request`] for HTTP/2.
 pub fn client() -> reqwest::Client {
+    client_with_timeout(Duration::from_secs(30))
+}
+
+/// Like [`client`] but with a 5 s per-request timeout, for tests where a
+/// hung request is a finding rather than a hung test.
+pub fn client_5s() -> reqwest::Client {
+    client_with_timeout(Duration::from_secs(5))
+}
+
+/// A `reqwest` client that ignores proxy settings, bounded by `timeout` per
+/// request.
+fn client_with_timeout(timeout: Duration) -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
-        .timeout(Duration::from_secs(30))
+        .timeout(timeout)
         .build()
         .expect("build reqwest client")
 }

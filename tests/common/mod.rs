@@ -23,6 +23,8 @@ mod fault;
 mod http;
 /// Throw-away `redis-server` processes.
 mod redis_server;
+/// A fully read HTTP response and a shared request builder.
+mod response;
 /// The `tiergate` binary under test.
 mod tiergate_bin;
 /// The recording origin server.
@@ -30,9 +32,11 @@ mod upstream;
 pub use fault::*;
 
 /// HTTP client helpers: reqwest client, bursts, raw TCP, h2c.
-pub use http::{burst, client, h2c_request, raw_http};
+pub use http::{burst, client, client_5s, h2c_request, raw_http};
 /// A real `redis-server` on a free port.
 pub use redis_server::RedisServer;
+/// A fully read HTTP response, and `method url` + headers as a request.
+pub use response::{Resp, request};
 /// The real `tiergate` binary: `serve` handle and one-shot CLI runs.
 pub use tiergate_bin::{Tiergate, run_tiergate, tiergate_check};
 /// The recording HTTP/1.1 + h2c origin server.
