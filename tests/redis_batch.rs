@@ -1,8 +1,10 @@
 //! The redis limiter's batching: one worker's concurrent decisions share one
 //! script call, and that changes no count (SPEC §4 exactness) and no failure
-//! behaviour (SPEC §6); and its deny cache across a rate change. Drives `RedisLimiter` and `Limiter` directly, against
-//! throw-away `redis-server`s, on current-thread runtimes like tiergate's
-//! workers. Rates are `/m`, so every count is exact.
+//! behaviour (SPEC §6); and its deny cache across a rate change. Drives
+//! `RedisLimiter` and `Limiter` directly, against throw-away
+//! `redis-server`s, on current-thread runtimes like tiergate's workers.
+//! Rates are `/m` (one test lets a `100/s` bucket drain), so every count is
+//! exact.
 
 mod common;
 

@@ -248,7 +248,8 @@ pub fn haproxy(tmp: &Path, up: u16, limits: Limits) -> Result<Target, String> {
     Ok(t)
 }
 
-/// The tiergate binary of this build, memory or redis backend.
+/// A tiergate binary (this build's, or `E2E_BASELINE_BIN`) named `name`,
+/// memory or redis backend.
 pub fn tiergate(
     bin: &Path,
     name: &'static str,
