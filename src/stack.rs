@@ -362,6 +362,8 @@ struct AccessRecord {
 /// replaced otherwise), `x-forwarded-proto` and `x-request-id`.
 fn set_forwarding_headers<B>(req: &mut Request<B>, conn: &ClientConn, peer_trusted: bool) {
     let h = req.headers_mut();
+    // Room for these three and the two tenant headers the caller adds.
+    h.reserve(5);
     let appended = match (
         peer_trusted,
         h.get(&X_FORWARDED_FOR)
@@ -418,6 +420,8 @@ fn request_id() -> HeaderValue {
 pub fn rate_limit_headers(h: &mut http::HeaderMap, s: &BucketState) {
     let reset = s.reset.as_secs_f64().ceil() as u64;
     let window = s.window.as_secs_f64().ceil() as u64;
+    // One growth of the map for the five, not one per insert.
+    h.reserve(5);
     h.insert(&X_RATELIMIT_LIMIT, HeaderValue::from(s.burst));
     h.insert(&X_RATELIMIT_REMAINING, HeaderValue::from(s.remaining));
     h.insert(&X_RATELIMIT_RESET, HeaderValue::from(reset));
