@@ -181,6 +181,9 @@ impl ProxyError {
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
+        // Sized once for these three and the five RateLimit headers a 429
+        // gets, instead of growing insert by insert.
+        h.reserve(8);
         h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         h.insert(TIERGATE_ERROR, HeaderValue::from_static(code));
         match self {

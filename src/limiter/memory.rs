@@ -176,7 +176,10 @@ impl MemoryLimiter {
             .map
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = map.get(tenant) {
+        // One lookup for the read and the write-back (a new tenant pays a
+        // second one to insert).
+        let found = map.get_mut(tenant);
+        if let Some(entry) = found.as_deref() {
             let slots = entry.slots();
             for ((t, b), g) in tats.iter_mut().zip(buckets).zip(&gcras) {
                 *t = slots
@@ -187,7 +190,7 @@ impl MemoryLimiter {
         }
         let decision = evaluate(buckets, &gcras[..n], &mut tats[..n], now, NANOS);
         let admitted = matches!(decision, Decision::Allow { .. });
-        match map.get_mut(tenant) {
+        match found {
             Some(entry) => {
                 for ((b, tat), g) in buckets.iter().zip(&tats[..n]).zip(&gcras) {
                     match entry.find_mut(&b.name) {
