@@ -78,15 +78,21 @@ impl Gate {
     pub async fn handle(&self, req: Request<Incoming>, conn: &ClientConn) -> Response<ProxyBody> {
         // One snapshot of the config for the whole request.
         let live = self.app.live.load_full();
-        if !live.policy.config().server.access_log {
-            return self.decide(&live, req, conn, &mut None).await;
-        }
-        let started = Instant::now();
-        let method = req.method().clone();
-        let path = req.uri().path().to_owned();
-        let mut record = Some(AccessRecord::default());
+        // One `decide` call site: the future is large, and hyper moves it
+        // into place for every request (two call sites made it twice as
+        // large to move).
+        let logged = live.policy.config().server.access_log.then(|| {
+            (
+                Instant::now(),
+                req.method().clone(),
+                req.uri().path().to_owned(),
+            )
+        });
+        let mut record = logged.as_ref().map(|_| AccessRecord::default());
         let resp = self.decide(&live, req, conn, &mut record).await;
-        let r = record.unwrap_or_default();
+        let (Some((started, method, path)), Some(r)) = (logged, record) else {
+            return resp;
+        };
         let decision = resp
             .headers()
             .get(crate::error::TIERGATE_ERROR)
@@ -117,6 +123,27 @@ impl Gate {
         conn: &ClientConn,
         record: &mut Option<AccessRecord>,
     ) -> Response<ProxyBody> {
+        // Steps 1-6 in `admit`, the upstream call here: one `forward` call
+        // site keeps this future (moved into place per request) small.
+        let shown = match self.admit(live, &mut req, conn, record).await {
+            Ok(shown) => shown,
+            Err(refused) => return refused,
+        };
+        let max_body = live.policy.config().server.max_body_bytes;
+        self.forward(req, max_body, shown.as_ref(), conn, record)
+            .await
+    }
+
+    /// Admits `req` or returns its refusal. Admitted, the request's headers
+    /// are ready for the upstream, and the result is the bucket state to
+    /// show the client (`None`: nothing to show, e.g. an exempt route).
+    async fn admit(
+        &self,
+        live: &Live,
+        req: &mut Request<Incoming>,
+        conn: &ClientConn,
+        record: &mut Option<AccessRecord>,
+    ) -> Result<Option<BucketState>, Response<ProxyBody>> {
         let policy = &live.policy;
         let cfg = policy.config();
 
@@ -142,7 +169,7 @@ impl Gate {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared_len.is_some_and(|n| n > cfg.server.max_body_bytes) {
-            return self.refuse(live, ProxyError::BodyTooLarge, None, route_idx, None);
+            return Err(self.refuse(live, ProxyError::BodyTooLarge, None, route_idx, None));
         }
         let peer = conn.peer;
         let ip = client_ip(peer, req.headers(), &cfg.server.trusted_proxies);
@@ -152,14 +179,13 @@ impl Gate {
             .iter()
             .any(|n| n.contains(&peer.ip()));
 
-        let max_body = cfg.server.max_body_bytes;
         if route.is_some_and(|r| r.exempt) {
             // No identity was established: the upstream must not see a
             // client-supplied tenant as if tiergate had vouched for it.
-            set_forwarding_headers(&mut req, conn, peer_trusted);
+            set_forwarding_headers(req, conn, peer_trusted);
             req.headers_mut().remove(&X_TENANT_TIER);
             req.headers_mut().remove(&X_TENANT_ID);
-            return self.forward(req, max_body, None, conn, record).await;
+            return Ok(None);
         }
 
         // 3. ip guard
@@ -175,7 +201,7 @@ impl Gate {
                         route: None,
                         retry_after,
                     };
-                    return self.refuse(live, err, None, route_idx, Some(&state));
+                    return Err(self.refuse(live, err, None, route_idx, Some(&state)));
                 }
             }
         }
@@ -186,7 +212,7 @@ impl Gate {
             Ok(id) => id,
             Err(e) => {
                 let state = ip_debit.as_ref().map(|(_, _, s)| s);
-                return self.refuse(live, e.into(), None, route_idx, state);
+                return Err(self.refuse(live, e.into(), None, route_idx, state));
             }
         };
 
@@ -231,20 +257,20 @@ impl Gate {
                     route: route.map(|r| r.name.clone()),
                     retry_after,
                 };
-                return self.refuse(live, err, Some(tier), route_idx, Some(&state));
+                return Err(self.refuse(live, err, Some(tier), route_idx, Some(&state)));
             }
             Outcome::FailOpen => None,
             Outcome::Unavailable => {
                 if let Some((key, spec, _)) = &ip_debit {
                     self.app.ip_limiter.refund(key, spec);
                 }
-                return self.refuse(
+                return Err(self.refuse(
                     live,
                     ProxyError::LimiterUnavailable,
                     Some(tier),
                     route_idx,
                     None,
-                );
+                ));
             }
         };
         if let Some(s) = &state
@@ -264,14 +290,13 @@ impl Gate {
             .inc();
 
         // 7. upstream
-        set_forwarding_headers(&mut req, conn, peer_trusted);
+        set_forwarding_headers(req, conn, peer_trusted);
         let h = req.headers_mut();
         h.insert(&X_TENANT_TIER, live.tier_header(tier));
         if let Ok(v) = HeaderValue::from_str(identity.tenant.as_str()) {
             h.insert(&X_TENANT_ID, v);
         }
-        self.forward(req, max_body, shown.as_ref(), conn, record)
-            .await
+        Ok(shown)
     }
 
     async fn forward(
