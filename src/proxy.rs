@@ -25,8 +25,8 @@ use crate::hardening::LimitedBody;
 
 pub mod affinity;
 
-pub use affinity::Affinity;
 use affinity::Claim;
+pub use affinity::{Affinity, Held};
 
 /// The request body type sent upstream.
 pub type UpstreamBody = LimitedBody<Incoming>;

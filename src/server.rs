@@ -32,6 +32,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use crate::App;
+use crate::proxy::Held;
 use crate::stack::{ClientConn, Gate};
 
 /// Binds a non-blocking listener with `SO_REUSEPORT` (so every worker can
@@ -105,6 +106,8 @@ pub async fn run_worker(
     let grace = server_cfg.shutdown_grace;
     let (drain_tx, drain_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    // This worker's upstream connections held by client connections.
+    let held = Held::default();
 
     loop {
         while tasks.try_join_next().is_some() {}
@@ -142,6 +145,7 @@ pub async fn run_worker(
         let app2 = app.clone();
         let gate = gate.clone();
         let builder = builder.clone();
+        let held = held.clone();
         let mut drain = drain_rx.clone();
         app.metrics.active_connections.inc();
         tasks.spawn(async move {
@@ -151,7 +155,7 @@ pub async fn run_worker(
                 state: state.clone(),
             });
             let svc_state = state.clone();
-            let client = Arc::new(ClientConn::new(peer));
+            let client = Arc::new(ClientConn::new(peer, held));
             let svc_client = client.clone();
             let svc = service_fn(move |req| {
                 let gate = gate.clone();

@@ -35,7 +35,7 @@ use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
-use crate::proxy::{Affinity, Upstream, UpstreamError};
+use crate::proxy::{Affinity, Held, Upstream, UpstreamError};
 use crate::{App, Live};
 
 /// The body of every response the proxy returns.
@@ -485,13 +485,14 @@ pub struct ClientConn {
 }
 
 impl ClientConn {
-    /// The context of a connection accepted from `peer`.
-    pub fn new(peer: SocketAddr) -> ClientConn {
+    /// The context of a connection accepted from `peer` by the worker
+    /// whose upstream connections `held` counts.
+    pub fn new(peer: SocketAddr, held: Held) -> ClientConn {
         ClientConn {
             peer,
             peer_header: HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
-            upstream: Affinity::new(),
+            upstream: Affinity::new(held),
         }
     }
 }

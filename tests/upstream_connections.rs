@@ -143,6 +143,63 @@ fn a_quiet_client_connection_gives_its_upstream_connection_back() {
     assert_eq!(up.accepted(), 2);
 }
 
+/// Mirrors `proxy::affinity::MAX_HELD_PER_WORKER`.
+const MAX_HELD_PER_WORKER: usize = 256;
+
+/// Many client connections that each send now and then must not hold one
+/// upstream connection each: beyond the per-worker cap, requests go through
+/// the shared pool; and a closed client connection gives its place back.
+#[test]
+fn upstream_connections_held_for_client_connections_are_capped_per_worker() {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cap = workers * MAX_HELD_PER_WORKER;
+    let clients = cap + 100;
+    let up = CountingUpstream::start(false);
+    let tg = Tiergate::start(&format!(
+        r#"
+server:
+  listen: "127.0.0.1:0"
+  max_connections_per_ip: 100000
+admin:
+  listen: "127.0.0.1:0"
+upstream:
+  url: "{}"
+tiers:
+  free: {{ rate: 1/m, burst: 1000000 }}
+default_tier: free
+"#,
+        up.url()
+    ));
+    let phase = |round: usize| -> Vec<KeepAlive> {
+        (0..clients)
+            .map(|i| {
+                let mut c = KeepAlive::connect(tg.proxy_addr());
+                assert_eq!(c.get(&format!("/r{round}/{i}")), 200, "client {i}");
+                c
+            })
+            .collect()
+    };
+    let first = phase(1);
+    // At most `cap` held in slots, plus the shared pool's one connection
+    // per worker (the requests beyond the cap came one at a time).
+    let open = up.open();
+    assert!(
+        open <= cap + 2 * workers,
+        "{open} upstream connections for {clients} client connections (cap {cap})"
+    );
+    drop(first);
+    let before = up.accepted();
+    let _second = phase(2);
+    // Had the closed client connections not given their places back,
+    // every request of this round would have gone through the pool. However
+    // the kernel spread the connections, one worker got at least its cap.
+    let fresh = up.accepted() - before;
+    assert!(
+        fresh >= MAX_HELD_PER_WORKER,
+        "only {fresh} new upstream connections after the first clients left"
+    );
+}
+
 /// One h2c (prior knowledge) client connection to `addr`, driven by a
 /// spawned task; clone the sender for concurrent streams.
 async fn h2c_connect<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>

@@ -18,11 +18,21 @@
 //! Requests that cannot use the slot — an HTTP/2 stream while another
 //! stream's request or response is still on the connection, protocol
 //! upgrades — go through the worker's shared pool instead.
+//!
+//! A worker holds at most [`MAX_HELD_PER_WORKER`] such connections: with
+//! thousands of client connections each sending now and then, one
+//! upstream connection per client connection would cost the upstream that
+//! many sockets and tiergate ~25 KB each (measured, 9,000 client
+//! connections with one request each: 546 MB of RSS uncapped, 360 MB
+//! capped). A client connection that finds the
+//! worker at its cap sends through the shared pool, which holds only as
+//! many connections as there are requests at once.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use hyper::client::conn::http1;
@@ -34,10 +44,26 @@ use super::UpstreamBody;
 type Sender = http1::SendRequest<UpstreamBody>;
 type Driver = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
 
+/// Upstream connections a worker holds in client connections' slots at
+/// most (two racing client connections may each take the last one).
+pub const MAX_HELD_PER_WORKER: usize = 256;
+
+/// How many upstream connections a worker's slots hold; one per worker,
+/// shared by its client connections.
+#[derive(Clone, Default)]
+pub struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    /// Connections held now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// One client connection's upstream slot.
-#[derive(Default)]
 pub struct Affinity {
     slot: Mutex<Slot>,
+    held: Held,
 }
 
 #[derive(Default)]
@@ -63,10 +89,24 @@ pub(super) enum Claim<'a> {
     Busy,
 }
 
+impl Slot {
+    /// Closes the connection, if any, and gives back its place under the
+    /// worker's cap.
+    fn close(&mut self, held: &Held) {
+        self.sender = None;
+        if self.driver.take().is_some() {
+            held.0.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
 impl Affinity {
-    /// An empty slot.
-    pub fn new() -> Affinity {
-        Affinity::default()
+    /// An empty slot counting against the worker's `held`.
+    pub fn new(held: Held) -> Affinity {
+        Affinity {
+            slot: Mutex::default(),
+            held,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Slot> {
@@ -87,8 +127,7 @@ impl Affinity {
             if let Err(e) = r {
                 tracing::debug!(error = %e, "upstream connection ended with error");
             }
-            s.driver = None;
-            s.sender = None;
+            s.close(&self.held);
         }
         if !s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             s.waker = Some(cx.waker().clone());
@@ -103,8 +142,7 @@ impl Affinity {
     pub fn release(&self) {
         let mut s = self.lock();
         if !s.busy && s.sender.as_ref().is_none_or(|snd| snd.is_ready()) {
-            s.sender = None;
-            s.driver = None;
+            s.close(&self.held);
         }
     }
 
@@ -127,8 +165,7 @@ impl Affinity {
             && let Some(d) = s.driver.as_mut()
             && d.as_mut().poll(cx).is_ready()
         {
-            s.driver = None;
-            s.sender = None;
+            s.close(&self.held);
         }
         if s.sender
             .as_ref()
@@ -139,15 +176,21 @@ impl Affinity {
             // should it be cancelled, take that connection down with it).
             return Claim::Busy;
         }
+        let open = s.sender.as_ref().is_some_and(|snd| !snd.is_closed());
+        if !open && s.driver.is_none() && self.held.get() >= MAX_HELD_PER_WORKER {
+            // The worker holds all the upstream connections it may: this
+            // request goes through the shared pool.
+            return Claim::Busy;
+        }
         s.busy = true;
         let lease = Lease {
             affinity: self,
             returned: false,
         };
         match s.sender.take() {
-            Some(sender) if !sender.is_closed() => Claim::Open(lease, sender),
+            Some(sender) if open => Claim::Open(lease, sender),
             _ => {
-                s.driver = None;
+                s.close(&self.held);
                 Claim::Empty(lease)
             }
         }
@@ -166,6 +209,8 @@ impl Lease<'_> {
     /// Installs a freshly made connection and wakes the task that drives it.
     pub(super) fn install(&mut self, driver: Driver) {
         let mut s = self.affinity.lock();
+        s.close(&self.affinity.held);
+        self.affinity.held.0.fetch_add(1, Ordering::Relaxed);
         s.driver = Some(Box::pin(driver));
         if let Some(w) = &s.waker {
             w.wake_by_ref();
@@ -187,9 +232,15 @@ impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if !self.returned {
             let mut s = self.affinity.lock();
-            s.sender = None;
-            s.driver = None;
+            s.close(&self.affinity.held);
             s.busy = false;
         }
+    }
+}
+
+impl Drop for Affinity {
+    fn drop(&mut self) {
+        let slot = self.slot.get_mut().unwrap_or_else(|p| p.into_inner());
+        slot.close(&self.held);
     }
 }
