@@ -7,11 +7,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-/// mimalloc: hyper's per-request buffers and headers are many small, short
-/// allocations spread over per-core threads, which it serves faster than
-/// glibc malloc (measured with `cargo bench --bench e2e`).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand, ValueEnum};
 use http::Method;
 use tiergate::client::AdminClient;
