@@ -85,7 +85,9 @@ pub(super) enum Claim<'a> {
     Open(Lease<'a>, Sender),
     /// No connection: this request holds the slot and must make one.
     Empty(Lease<'a>),
-    /// Another request (an HTTP/2 stream) holds the slot.
+    /// The slot cannot be used: another request (an HTTP/2 stream) holds
+    /// it, or it is empty and the worker holds all the upstream
+    /// connections it may. The request goes through the shared pool.
     Busy,
 }
 
