@@ -23,7 +23,7 @@ admin:
 upstream:
   url: "{upstream}"
 tiers:
-  free: {{ rate: 1/m, burst: 1000 }}
+  free: {{ rate: 1/m, burst: 1000000 }}
 default_tier: free
 "#
     )
@@ -155,21 +155,7 @@ fn upstream_connections_held_for_client_connections_are_capped_per_worker() {
     let cap = workers * MAX_HELD_PER_WORKER;
     let clients = cap + 100;
     let up = CountingUpstream::start(false);
-    let tg = Tiergate::start(&format!(
-        r#"
-server:
-  listen: "127.0.0.1:0"
-  max_connections_per_ip: 100000
-admin:
-  listen: "127.0.0.1:0"
-upstream:
-  url: "{}"
-tiers:
-  free: {{ rate: 1/m, burst: 1000000 }}
-default_tier: free
-"#,
-        up.url()
-    ));
+    let tg = Tiergate::start(&config(&up.url(), "  max_connections_per_ip: 100000"));
     let phase = |round: usize| -> Vec<KeepAlive> {
         (0..clients)
             .map(|i| {
