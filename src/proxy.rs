@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
 use crate::hardening::LimitedBody;
+use crate::server::watchdog::Watched;
 
 pub mod affinity;
 
@@ -51,31 +52,73 @@ pub enum UpstreamError {
 ///
 /// Runs on every request and response, so it makes one pass over the
 /// names present instead of one hash lookup per hop-by-hop name (19 per
-/// request measured ~5% of a proxied request's instructions): most
-/// messages carry none, or only `Connection`.
+/// request measured ~5% of a proxied request's instructions), compares
+/// standard names as enums rather than strings, splits `Connection` once,
+/// and keeps what it removes on the stack.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let mut doomed: Vec<HeaderName> = Vec::new();
-    let listed = headers.get_all(header::CONNECTION);
-    for name in headers.keys() {
-        let hop = match name.as_str() {
-            "upgrade" => !keep_upgrade,
-            "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding" => true,
-            _ => listed.iter().any(|v| names(v, name)),
-        };
-        if hop {
-            doomed.push(name.clone());
+    // The names `Connection` lists; more than fit here is rare enough to
+    // take the slow path below.
+    let mut listed: [&[u8]; 8] = [&[]; 8];
+    let mut n_listed = 0;
+    let mut overflow = false;
+    for v in headers.get_all(header::CONNECTION) {
+        for t in v.as_bytes().split(|&b| b == b',') {
+            let t = t.trim_ascii();
+            if t.is_empty() {
+                continue;
+            }
+            if n_listed == listed.len() {
+                overflow = true;
+                break;
+            }
+            listed[n_listed] = t;
+            n_listed += 1;
         }
     }
-    for name in doomed {
+    let listed = &listed[..n_listed];
+    let is_listed = |name: &HeaderName| {
+        let n = name.as_str().as_bytes();
+        listed.iter().any(|t| t.eq_ignore_ascii_case(n))
+            || (overflow
+                && headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .any(|v| names(v, name)))
+    };
+    let mut doomed: [Option<HeaderName>; 4] = Default::default();
+    let mut more: Vec<HeaderName> = Vec::new();
+    let mut n_doomed = 0;
+    for name in headers.keys() {
+        let hop = if name == header::UPGRADE {
+            // Kept when forwarding an upgrade, however `Connection` lists it.
+            !keep_upgrade
+        } else {
+            is_hop(name) || is_listed(name)
+        };
+        if hop {
+            match doomed.get_mut(n_doomed) {
+                Some(slot) => *slot = Some(name.clone()),
+                None => more.push(name.clone()),
+            }
+            n_doomed += 1;
+        }
+    }
+    for name in doomed.into_iter().flatten().chain(more) {
         headers.remove(name);
     }
+}
+
+/// The fixed hop-by-hop names. Standard names compare as enums; only a
+/// custom name (not in the `http` crate's table) is compared as a string.
+/// (`Upgrade` is decided by the caller.)
+fn is_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::PROXY_AUTHENTICATE
+        || matches!(name.as_str(), "keep-alive" | "proxy-connection")
 }
 
 /// Whether the `Connection` value `v` lists `name` (names are lowercase).
@@ -160,14 +203,16 @@ impl Upstream {
     /// Forwards `req` (headers already prepared by the caller except
     /// hop-by-hop removal) and returns the upstream's response head with a
     /// streaming body. `body_tripped` is the flag of the request's
-    /// [`LimitedBody`]. With `affinity` (the client connection's slot) the
-    /// request goes over the client connection's own upstream connection
-    /// when it is free; otherwise over the worker's shared pool.
+    /// [`LimitedBody`]. With `affinity` (the client connection's slot and
+    /// its watch) the request goes over the client connection's own
+    /// upstream connection when it is free, under the watchdog's coarse
+    /// deadline; otherwise over the worker's shared pool, under a Tokio
+    /// timeout.
     pub async fn forward(
         &self,
         mut req: Request<UpstreamBody>,
         body_tripped: &Arc<AtomicBool>,
-        affinity: Option<&Affinity>,
+        affinity: Option<(&Affinity, &Watched)>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let upgrade = is_upgrade(&req);
         strip_hop_by_hop(req.headers_mut(), upgrade);
@@ -188,12 +233,15 @@ impl Upstream {
         }
         *req.version_mut() = Version::HTTP_11;
 
-        let claim = match affinity {
-            Some(a) if !upgrade => a.claim().await,
-            _ => Claim::Busy,
+        let claimed = match affinity {
+            Some((a, w)) if !upgrade => match a.claim().await {
+                Claim::Busy => None,
+                claim => Some((claim, w)),
+            },
+            _ => None,
         };
-        let result = match claim {
-            Claim::Busy => {
+        let result = match claimed {
+            None => {
                 let uri = Uri::builder()
                     .scheme(self.scheme.clone())
                     .authority(self.authority.clone())
@@ -203,21 +251,26 @@ impl Upstream {
                 *req.uri_mut() = uri;
                 return self.forward_pooled(req, body_tripped, upgrade).await;
             }
-            claim => {
+            Some((claim, w)) => {
                 // Origin-form: this connection speaks to the upstream only.
                 *req.uri_mut() = Uri::from(pq);
-                tokio::time::timeout(self.timeout, self.send_affine(claim, req)).await
+                let due = w.upstream.arm(w, self.timeout);
+                tokio::select! {
+                    biased;
+                    r = self.send_affine(claim, req) => Some(r),
+                    () = due => None,
+                }
             }
         };
         let mut resp = match result {
-            Err(_) => return Err(UpstreamError::Timeout),
-            Ok(Err(e)) => {
+            None => return Err(UpstreamError::Timeout),
+            Some(Err(e)) => {
                 if body_tripped.load(Ordering::Relaxed) {
                     return Err(UpstreamError::BodyTooLarge);
                 }
                 return Err(e);
             }
-            Ok(Ok(resp)) => resp,
+            Some(Ok(resp)) => resp,
         };
         strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp)
@@ -390,6 +443,20 @@ mod tests {
         let mut h = map(&pairs);
         strip_hop_by_hop(&mut h, true);
         assert_eq!(names_of(&h), ["upgrade", "x-kept"]);
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names_of(&h), ["x-kept"]);
+    }
+
+    #[test]
+    fn strips_many_listed_names_past_the_stack_buffers() {
+        // Ten names in `Connection` (more than the token buffer) and ten
+        // doomed headers (more than the removal buffer).
+        let names: Vec<String> = (0..10).map(|i| format!("x-h{i}")).collect();
+        let mut pairs: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+        let listed = names.join(", ");
+        pairs.push(("connection", &listed));
+        pairs.push(("x-kept", "k"));
         let mut h = map(&pairs);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(names_of(&h), ["x-kept"]);

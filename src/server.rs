@@ -8,20 +8,22 @@
 //!
 //! Connection hardening lives here: the global `max_connections` cap (a
 //! semaphore: beyond it, new connections wait), the per-IP cap (refused),
-//! the header size cap (given to hyper, which answers 431 itself), and a
-//! coarse per-connection check — a few times per timeout, not per request —
-//! that closes connections whose request head takes longer than
-//! `header_read_timeout` (slowloris) or that stay silent for
-//! `idle_timeout`, and graceful drain.
+//! the header size cap (given to hyper, which answers 431 itself), and
+//! graceful drain. Deadlines — a request head taking longer than
+//! `header_read_timeout` (slowloris), a connection silent for
+//! `idle_timeout`, a quiet connection's upstream slot — are checked by one
+//! coarse sweep per worker (see [`watchdog`]), not by timers per
+//! connection or per request.
+
+pub mod watchdog;
 
 use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -30,6 +32,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
+
+use watchdog::{CLOSE, RELEASE, SHUT_DOWN, Watchdog, Watched};
 
 use crate::App;
 use crate::proxy::Held;
@@ -100,11 +104,18 @@ pub async fn run_worker(
         .max_header_list_size(server_cfg.max_header_bytes as u32)
         .max_concurrent_streams(256);
     let builder = Arc::new(builder);
-    let idle_timeout = server_cfg.idle_timeout;
-    let header_timeout = server_cfg.header_read_timeout;
-    let check_every = (idle_timeout.min(header_timeout) / 4).max(Duration::from_millis(50));
+    // A quiet client connection gives its upstream slot back after a
+    // quarter of the shorter of the two client timeouts.
+    let release_after = (server_cfg.idle_timeout.min(server_cfg.header_read_timeout) / 4)
+        .max(Duration::from_millis(50));
+    let watchdog = Watchdog::new(
+        server_cfg.header_read_timeout,
+        server_cfg.idle_timeout,
+        cfg.upstream.timeout,
+        release_after,
+    );
+    let sweeping = AbortOnDrop(tokio::spawn(watchdog.clone().run()));
     let grace = server_cfg.shutdown_grace;
-    let (drain_tx, drain_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     // This worker's upstream connections held by client connections.
     let held = Held::default();
@@ -146,16 +157,15 @@ pub async fn run_worker(
         let gate = gate.clone();
         let builder = builder.clone();
         let held = held.clone();
-        let mut drain = drain_rx.clone();
+        let state = watchdog.watch();
         app.metrics.active_connections.inc();
         tasks.spawn(async move {
-            let state = Arc::new(ConnState::new());
             let io = TokioIo::new(Tracked {
                 inner: stream,
                 state: state.clone(),
             });
             let svc_state = state.clone();
-            let client = Arc::new(ClientConn::new(peer, held));
+            let client = Arc::new(ClientConn::new(peer, held, state.clone()));
             let svc_client = client.clone();
             let svc = service_fn(move |req| {
                 let gate = gate.clone();
@@ -170,12 +180,9 @@ pub async fn run_worker(
             let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
             let mut closing = false;
-            let mut check = tokio::time::interval(check_every);
-            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            check.tick().await;
             loop {
                 // Biased: the hot branches first, and no per-poll random
-                // branch order (the others are rarely ready).
+                // branch order (signals are rare).
                 tokio::select! {
                     biased;
                     res = conn.as_mut() => {
@@ -185,39 +192,35 @@ pub async fn run_worker(
                         break;
                     }
                     never = client.upstream.drive() => match never {},
-                    _ = drain.wait_for(|d| *d), if !closing => {
-                        closing = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                    _ = check.tick() => {
-                        let now = state.now();
-                        if state.head_started_before(now, header_timeout) {
+                    signals = state.signals() => {
+                        if signals & CLOSE != 0 {
                             // Slowloris: bytes of a request head keep coming
                             // (or stopped) but it never completed. No request
                             // is in flight, so closing loses nothing.
                             tracing::debug!(peer = %peer, "header_read_timeout: closing");
                             break;
                         }
-                        let idle = state.idle_for(now);
-                        if idle >= check_every {
+                        if signals & RELEASE != 0 {
                             // A quiet client gives its upstream connection
                             // back (see proxy::affinity).
                             client.upstream.release();
                         }
-                        if !closing && idle >= idle_timeout {
+                        if signals & SHUT_DOWN != 0 && !closing {
+                            // idle_timeout, or the worker drains.
                             closing = true;
                             conn.as_mut().graceful_shutdown();
                         }
                     }
                 }
             }
+            state.close();
             drop(ip_slot);
             drop(permit);
             app2.metrics.active_connections.dec();
         });
     }
     drop(listener);
-    let _ = drain_tx.send(true);
+    watchdog.drain();
     let drained =
         tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
     if drained.is_err() {
@@ -227,78 +230,25 @@ pub async fn run_worker(
         );
         tasks.shutdown().await;
     }
+    drop(sweeping);
     Ok(())
 }
 
-/// What the per-connection check needs to know, updated by the stream and
-/// the service with plain atomics (times in microseconds since `born`).
-struct ConnState {
-    born: Instant,
-    /// When bytes last moved either way (for `idle_timeout`).
-    last_activity: AtomicU64,
-    /// 1 + when the first byte of a not-yet-complete request head arrived;
-    /// 0 while no head is pending (for `header_read_timeout`).
-    head_since: AtomicU64,
-    /// Requests whose head is complete and whose response is not yet made.
-    in_flight: std::sync::atomic::AtomicU32,
-}
+/// Aborts the task when dropped (the sweep has no end of its own).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
-impl ConnState {
-    fn new() -> ConnState {
-        ConnState {
-            born: Instant::now(),
-            last_activity: AtomicU64::new(0),
-            head_since: AtomicU64::new(0),
-            in_flight: std::sync::atomic::AtomicU32::new(0),
-        }
-    }
-
-    fn now(&self) -> u64 {
-        self.born.elapsed().as_micros() as u64
-    }
-
-    fn bytes_read(&self) {
-        let now = self.now();
-        self.last_activity.store(now, Ordering::Relaxed);
-        if self.in_flight.load(Ordering::Relaxed) == 0
-            && self.head_since.load(Ordering::Relaxed) == 0
-        {
-            self.head_since.store(now + 1, Ordering::Relaxed);
-        }
-    }
-
-    fn bytes_written(&self) {
-        self.last_activity.store(self.now(), Ordering::Relaxed);
-    }
-
-    fn request_started(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.head_since.store(0, Ordering::Relaxed);
-    }
-
-    fn request_finished(&self) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Whether a request head has been arriving for longer than `limit`.
-    fn head_started_before(&self, now: u64, limit: Duration) -> bool {
-        let since = self.head_since.load(Ordering::Relaxed);
-        since != 0
-            && self.in_flight.load(Ordering::Relaxed) == 0
-            && now.saturating_sub(since - 1) >= limit.as_micros() as u64
-    }
-
-    fn idle_for(&self, now: u64) -> Duration {
-        Duration::from_micros(now.saturating_sub(self.last_activity.load(Ordering::Relaxed)))
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
 /// One request in flight; finishes on drop, also when hyper drops the
 /// service future (client gone, HTTP/2 stream reset).
-struct InFlight(Arc<ConnState>);
+struct InFlight(Arc<Watched>);
 
 impl InFlight {
-    fn start(state: Arc<ConnState>) -> InFlight {
+    fn start(state: Arc<Watched>) -> InFlight {
         state.request_started();
         InFlight(state)
     }
@@ -310,10 +260,10 @@ impl Drop for InFlight {
     }
 }
 
-/// A TCP stream that reports its reads and writes to the [`ConnState`].
+/// A TCP stream that reports its reads and writes to the [`Watched`].
 struct Tracked {
     inner: TcpStream,
-    state: Arc<ConnState>,
+    state: Arc<Watched>,
 }
 
 impl AsyncRead for Tracked {

@@ -36,6 +36,7 @@ use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
 use crate::proxy::{Affinity, Held, Upstream, UpstreamError};
+use crate::server::watchdog::Watched;
 use crate::{App, Live};
 
 /// The body of every response the proxy returns.
@@ -319,7 +320,7 @@ impl Gate {
         let started = Instant::now();
         let mut resp = match self
             .upstream
-            .forward(req, &tripped, Some(&conn.upstream))
+            .forward(req, &tripped, Some((&conn.upstream, &*conn.watched)))
             .await
         {
             Ok(resp) => {
@@ -482,17 +483,20 @@ pub struct ClientConn {
     peer_header: HeaderValue,
     /// The connection's own upstream connection slot.
     pub upstream: Affinity,
+    /// The worker's watch over this connection (its upstream deadline).
+    pub watched: Arc<Watched>,
 }
 
 impl ClientConn {
     /// The context of a connection accepted from `peer` by the worker
-    /// whose upstream connections `held` counts.
-    pub fn new(peer: SocketAddr, held: Held) -> ClientConn {
+    /// whose upstream connections `held` counts, watched by `watched`.
+    pub fn new(peer: SocketAddr, held: Held, watched: Arc<Watched>) -> ClientConn {
         ClientConn {
             peer,
             peer_header: HeaderValue::from_str(&peer.ip().to_string())
                 .expect("an IP address is a valid header value"),
             upstream: Affinity::new(held),
+            watched,
         }
     }
 }
