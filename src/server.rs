@@ -15,6 +15,7 @@
 //! coarse sweep per worker (see [`watchdog`]), not by timers per
 //! connection or per request.
 
+pub mod branches;
 pub mod watchdog;
 
 use std::convert::Infallible;
@@ -33,6 +34,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
+use branches::Branches;
 use watchdog::{CLOSE, RELEASE, SHUT_DOWN, Watchdog, Watched};
 
 use crate::App;
@@ -180,19 +182,31 @@ pub async fn run_worker(
             let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);
             let mut closing = false;
+            // Each future with its own waker (see `branches`): hyper's
+            // server side, the connection's own upstream connection, the
+            // watchdog's signals.
+            let branches = Branches::<3>::new();
+            let drive = client.upstream.drive();
+            tokio::pin!(drive);
+            let signals = state.signals();
+            tokio::pin!(signals);
             loop {
-                // Biased: the hot branches first, and no per-poll random
-                // branch order (signals are rare).
-                tokio::select! {
-                    biased;
-                    res = conn.as_mut() => {
+                let event = std::future::poll_fn(|cx| {
+                    branches.poll(cx, |i, cx| match i {
+                        0 => conn.as_mut().poll(cx).map(Event::Ended),
+                        1 => drive.as_mut().poll(cx).map(|never| match never {}),
+                        _ => signals.as_mut().poll(cx).map(Event::Signals),
+                    })
+                })
+                .await;
+                match event {
+                    Event::Ended(res) => {
                         if let Err(e) = res {
                             tracing::debug!(error = %e, peer = %peer, "connection ended with error");
                         }
                         break;
                     }
-                    never = client.upstream.drive() => match never {},
-                    signals = state.signals() => {
+                    Event::Signals(signals) => {
                         if signals & CLOSE != 0 {
                             // Slowloris: bytes of a request head keep coming
                             // (or stopped) but it never completed. No request
@@ -204,12 +218,16 @@ pub async fn run_worker(
                             // A quiet client gives its upstream connection
                             // back (see proxy::affinity).
                             client.upstream.release();
+                            branches.mark(1);
                         }
                         if signals & SHUT_DOWN != 0 && !closing {
                             // idle_timeout, or the worker drains.
                             closing = true;
                             conn.as_mut().graceful_shutdown();
+                            branches.mark(0);
                         }
+                        // The signals future took them: look again.
+                        branches.mark(2);
                     }
                 }
             }
@@ -232,6 +250,14 @@ pub async fn run_worker(
     }
     drop(sweeping);
     Ok(())
+}
+
+/// What woke a connection task's loop.
+enum Event {
+    /// hyper is done with the connection.
+    Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+    /// The watchdog's signals.
+    Signals(u8),
 }
 
 /// Aborts the task when dropped (the sweep has no end of its own).
