@@ -177,7 +177,13 @@ impl ProxyError {
         // A struct of borrowed fields serializes straight into one buffer
         // (no map of owned keys to build and drop): this runs for every
         // refusal of a flood.
-        let body = serde_json::to_vec(&body).unwrap_or_default();
+        // Room for the longest body (a 429 with a 128-byte tenant id) at
+        // once, instead of growing from empty.
+        let mut buf = Vec::with_capacity(384);
+        let body = match serde_json::to_writer(&mut buf, &body) {
+            Ok(()) => buf,
+            Err(_) => Vec::new(),
+        };
         let mut resp = Response::new(Full::new(Bytes::from(body)));
         *resp.status_mut() = status;
         let h = resp.headers_mut();
@@ -188,10 +194,7 @@ impl ProxyError {
         h.insert(TIERGATE_ERROR, HeaderValue::from_static(code));
         match self {
             ProxyError::RateLimited { retry_after, .. } => {
-                h.insert(
-                    RETRY_AFTER,
-                    HeaderValue::from(retry_after_secs(*retry_after)),
-                );
+                h.insert(RETRY_AFTER, number(retry_after_secs(*retry_after)));
             }
             ProxyError::LimiterUnavailable => {
                 h.insert(RETRY_AFTER, HeaderValue::from_static("1"));
@@ -211,11 +214,63 @@ impl ProxyError {
     }
 }
 
+/// `n` as a header value. Below [`SMALL`] (most limits, remainders and
+/// resets) it is a clone of a value made once, which allocates nothing;
+/// a fresh value costs an allocation and its free on every response.
+pub fn number(n: u64) -> HeaderValue {
+    use std::sync::OnceLock;
+    static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(SMALL as usize);
+        for i in 0..SMALL {
+            text.push_str(itoa::Buffer::new().format(i));
+            ends.push(text.len());
+        }
+        // One string for the whole table, made once per process.
+        let text: &'static str = Box::leak(text.into_boxed_str());
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let v = HeaderValue::from_static(&text[start..end]);
+                start = end;
+                v
+            })
+            .collect()
+    });
+    match table.get(n as usize) {
+        Some(v) if n < SMALL => v.clone(),
+        _ => HeaderValue::from(n),
+    }
+}
+
+/// Numbers [`number`] keeps ready.
+const SMALL: u64 = 10_000;
+
 #[cfg(test)]
 mod tests {
     use http_body_util::BodyExt;
 
     use super::*;
+
+    #[test]
+    fn numbers_from_the_table_and_beyond_it_read_the_same() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            99,
+            100,
+            4321,
+            SMALL - 1,
+            SMALL,
+            SMALL + 1,
+            u64::MAX,
+        ] {
+            assert_eq!(number(n), HeaderValue::from(n), "{n}");
+        }
+    }
 
     async fn body_of(e: ProxyError) -> String {
         let bytes = e.to_response().into_body().collect().await.unwrap();

@@ -448,9 +448,9 @@ pub fn rate_limit_headers(h: &mut http::HeaderMap, s: &BucketState) {
     let window = s.window.as_secs_f64().ceil() as u64;
     // One growth of the map for the five, not one per insert.
     h.reserve(5);
-    h.insert(&X_RATELIMIT_LIMIT, number(u64::from(s.burst)));
-    h.insert(&X_RATELIMIT_REMAINING, number(s.remaining));
-    h.insert(&X_RATELIMIT_RESET, number(reset));
+    h.insert(&X_RATELIMIT_LIMIT, crate::error::number(u64::from(s.burst)));
+    h.insert(&X_RATELIMIT_REMAINING, crate::error::number(s.remaining));
+    h.insert(&X_RATELIMIT_RESET, crate::error::number(reset));
     if let Some(v) = structured(&s.name, b";q=", u64::from(s.burst), b";w=", window) {
         h.insert(&RATELIMIT_POLICY, v);
     }
@@ -458,39 +458,6 @@ pub fn rate_limit_headers(h: &mut http::HeaderMap, s: &BucketState) {
         h.insert(&RATELIMIT, v);
     }
 }
-
-/// `n` as a header value. Below [`SMALL`] (most limits, remainders and
-/// resets) it is a clone of a value made once, which allocates nothing;
-/// a fresh value costs an allocation and its free on every response.
-fn number(n: u64) -> HeaderValue {
-    use std::sync::OnceLock;
-    static TABLE: OnceLock<Vec<HeaderValue>> = OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut text = String::new();
-        let mut ends = Vec::with_capacity(SMALL as usize);
-        for i in 0..SMALL {
-            text.push_str(itoa::Buffer::new().format(i));
-            ends.push(text.len());
-        }
-        // One string for the whole table, made once per process.
-        let text: &'static str = Box::leak(text.into_boxed_str());
-        let mut start = 0;
-        ends.into_iter()
-            .map(|end| {
-                let v = HeaderValue::from_static(&text[start..end]);
-                start = end;
-                v
-            })
-            .collect()
-    });
-    match table.get(n as usize) {
-        Some(v) if n < SMALL => v.clone(),
-        _ => HeaderValue::from(n),
-    }
-}
-
-/// Numbers [`number`] keeps ready.
-const SMALL: u64 = 10_000;
 
 /// `"<name>"<ka><a><kb><b>`, e.g. `"tenant";r=9;t=1`.
 fn structured(name: &str, ka: &[u8], a: u64, kb: &[u8], b: u64) -> Option<HeaderValue> {
@@ -530,30 +497,6 @@ impl ClientConn {
                 .expect("an IP address is a valid header value"),
             upstream: Affinity::new(held),
             watched,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn numbers_from_the_table_and_beyond_it_read_the_same() {
-        for n in [
-            0,
-            1,
-            9,
-            10,
-            99,
-            100,
-            4321,
-            SMALL - 1,
-            SMALL,
-            SMALL + 1,
-            u64::MAX,
-        ] {
-            assert_eq!(number(n), HeaderValue::from(n), "{n}");
         }
     }
 }
