@@ -94,8 +94,8 @@ pub async fn run_worker(
     let cfg = app.live.load().policy.config().clone();
     let server_cfg = &cfg.server;
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No hyper timer: the header-read deadline is enforced by the coarse
-    // per-connection check below, which costs nothing per request (hyper's
+    // No hyper timer: the header-read deadline is enforced by the worker's
+    // coarse sweep (`watchdog`), which costs nothing per request (hyper's
     // per-request timer measured ~10% of throughput).
     builder
         .http1()

@@ -13,8 +13,8 @@
 //!
 //! The cost is one upstream connection per *busy* client connection: the
 //! slot is released when the client connection goes quiet (see
-//! [`Affinity::release`], called by the listener's per-connection check)
-//! or closes, but never while a response body is still coming over it.
+//! [`Affinity::release`], called when the worker's sweep finds it quiet) or
+//! closes, but never while a response body is still coming over it.
 //! Requests that cannot use the slot — an HTTP/2 stream while another
 //! stream's request or response is still on the connection, protocol
 //! upgrades — go through the worker's shared pool instead.
