@@ -166,6 +166,8 @@ pub async fn run_worker(
                 inner: stream,
                 state: state.clone(),
             });
+            // Closed on every way out of this task (end, panic, abort).
+            let _closing = Closing(state.clone());
             let svc_state = state.clone();
             let client = Arc::new(ClientConn::new(peer, held, state.clone()));
             let svc_client = client.clone();
@@ -231,7 +233,6 @@ pub async fn run_worker(
                     }
                 }
             }
-            state.close();
             drop(ip_slot);
             drop(permit);
             app2.metrics.active_connections.dec();
@@ -249,7 +250,17 @@ pub async fn run_worker(
         tasks.shutdown().await;
     }
     drop(sweeping);
+    watchdog.forget_all();
     Ok(())
+}
+
+/// Tells the watchdog a connection is gone when dropped.
+struct Closing(Arc<Watched>);
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        self.0.close();
+    }
 }
 
 /// What woke a connection task's loop.

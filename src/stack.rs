@@ -35,18 +35,16 @@ use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
-use crate::proxy::{Affinity, Held, Upstream, UpstreamError};
+use crate::proxy::{
+    Affinity, Held, Upstream, UpstreamError, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID,
+    X_TENANT_ID, X_TENANT_TIER,
+};
 use crate::server::watchdog::Watched;
 use crate::{App, Live};
 
 /// The body of every response the proxy returns.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
-static X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
-static X_TENANT_TIER: HeaderName = HeaderName::from_static("x-tenant-tier");
-static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");

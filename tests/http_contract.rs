@@ -101,6 +101,39 @@ async fn upstream_gets_peer_as_xff_proto_and_kept_request_id() {
     assert_eq!(seen.header_all("x-tenant-tier"), vec!["free"]);
 }
 
+/// A client's `Connection` header cannot name tiergate's own request
+/// headers away: `Connection: x-tenant-id, x-forwarded-for, x-tenant-tier`
+/// still leaves the upstream with all of them, while a client header it
+/// names (`x-secret`) is removed.
+///
+/// Why: SPEC §3 — the upstream relies on these headers; RFC 9110 §7.6.1
+/// applies connection options to received fields, not to those the proxy
+/// adds.
+#[tokio::test]
+async fn connection_cannot_strip_tiergates_own_headers() {
+    let up = Upstream::start();
+    let tg = Tiergate::start(&config(&up.url(), "", ""));
+    let (status, _, text) = send(
+        client()
+            .get(format!("{}/conn", tg.proxy_url()))
+            .header("x-tenant-id", "t1")
+            .header(
+                "connection",
+                "x-tenant-id, x-forwarded-for, x-forwarded-proto, x-request-id, x-tenant-tier, x-secret",
+            )
+            .header("x-secret", "s"),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let seen = up.last().expect("upstream saw the request");
+    assert_eq!(seen.header_all("x-tenant-id"), vec!["t1"]);
+    assert_eq!(seen.header_all("x-tenant-tier"), vec!["free"]);
+    assert_eq!(seen.header_all("x-forwarded-for"), vec!["127.0.0.1"]);
+    assert_eq!(seen.header_all("x-forwarded-proto"), vec!["http"]);
+    assert_eq!(seen.header_all("x-request-id").len(), 1);
+    assert!(seen.header_all("x-secret").is_empty());
+}
+
 /// Without a client `X-Request-Id`, tiergate generates one per request, and
 /// two requests get two different ids.
 ///

@@ -149,23 +149,19 @@ impl Affinity {
     }
 
     /// Claims the slot for one request.
-    pub(super) async fn claim(&self) -> Claim<'_> {
-        std::future::poll_fn(|cx| Poll::Ready(self.poll_claim(cx))).await
-    }
-
-    fn poll_claim(&self, cx: &mut Context<'_>) -> Claim<'_> {
+    pub(super) fn claim(&self) -> Claim<'_> {
         let mut s = self.lock();
         if s.busy {
             return Claim::Busy;
         }
         // An upstream that closed an idle connection has usually told us
         // so already (FIN), but the driver may not have been polled since:
-        // poll it now, when this request runs on the task that drives it
-        // (an HTTP/1 request always does; polling it from another task
-        // would steal its wake-ups), so a dead connection is not reused.
-        if s.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
-            && let Some(d) = s.driver.as_mut()
-            && d.as_mut().poll(cx).is_ready()
+        // poll it now, so a dead connection is not reused. It is polled
+        // with the waker of whoever drives it (`drive`), never this
+        // request's, so its wake-ups keep going where they belong.
+        let slot = &mut *s;
+        if let (Some(w), Some(d)) = (slot.waker.as_ref(), slot.driver.as_mut())
+            && d.as_mut().poll(&mut Context::from_waker(w)).is_ready()
         {
             s.close(&self.held);
         }

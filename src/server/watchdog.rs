@@ -17,7 +17,10 @@
 //!
 //! The price is precision. Stamps are up to one tick old, so every check
 //! allows one extra tick: a deadline fires no earlier than configured and at
-//! most two ticks later. The tick is an eighth of the shortest of the three
+//! most two ticks later — unless the sweep itself runs late (a worker busy
+//! for longer than a tick), when the header and idle checks can fire early
+//! by that lateness. The upstream deadline is armed on the real clock and
+//! never fires early. The tick is an eighth of the shortest of the three
 //! timeouts, between 20 ms and 1 s (1 s with the defaults).
 
 use std::future::Future;
@@ -90,19 +93,17 @@ impl Watchdog {
     /// Starts watching a new connection.
     pub fn watch(self: &Arc<Self>) -> Arc<Watched> {
         let stamp = self.now.load(Ordering::Relaxed);
+        let draining = self.draining.load(Ordering::Relaxed);
         let w = Arc::new(Watched {
             dog: self.clone(),
             last_activity: AtomicU64::new(stamp),
             head_since: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             released_for: AtomicU64::new(u64::MAX),
-            signals: AtomicU8::new(if self.draining.load(Ordering::Relaxed) {
-                SHUT_DOWN
-            } else {
-                0
-            }),
+            signals: AtomicU8::new(if draining { SHUT_DOWN } else { 0 }),
             waker: AtomicWaker::new(),
             upstream: Deadline::default(),
+            shut_down: AtomicBool::new(draining),
             closed: AtomicBool::new(false),
         });
         lock(&self.conns).push(w.clone());
@@ -123,8 +124,16 @@ impl Watchdog {
     pub fn drain(&self) {
         self.draining.store(true, Ordering::Relaxed);
         for c in lock(&self.conns).iter() {
-            c.signal(SHUT_DOWN);
+            if !c.shut_down.swap(true, Ordering::Relaxed) {
+                c.signal(SHUT_DOWN);
+            }
         }
+    }
+
+    /// Stops watching every connection (the worker is done). Also breaks
+    /// the `Watchdog` ↔ `Watched` reference cycle.
+    pub fn forget_all(&self) {
+        lock(&self.conns).clear();
     }
 
     /// One pass: advance the clock, check each connection, forget closed
@@ -158,7 +167,9 @@ impl Watchdog {
             c.released_for.store(last, Ordering::Relaxed);
             c.signal(RELEASE);
         }
-        if idle >= self.idle_ms {
+        if idle >= self.idle_ms && !c.shut_down.swap(true, Ordering::Relaxed) {
+            // Once: a connection shutting down gracefully may still finish
+            // a long response, and need not be woken every tick meanwhile.
             c.signal(SHUT_DOWN);
         }
         c.upstream.check(now);
@@ -189,6 +200,8 @@ pub struct Watched {
     /// The deadline of the request on the connection's own upstream
     /// connection.
     pub upstream: Deadline,
+    /// SHUT_DOWN was sent (idle or drain): once is enough.
+    shut_down: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -227,19 +240,17 @@ impl Watched {
         Signals(self)
     }
 
-    /// The connection is gone; the next sweep forgets it.
+    /// The connection is gone; the next sweep forgets it. The wakers go
+    /// now, so the finished task's memory does not wait for that sweep.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Relaxed);
+        drop(self.waker.take());
+        drop(self.upstream.waker.take());
     }
 
-    /// The watchdog's clock (a sweep's time, in ms), for [`Deadline::arm`].
-    pub fn stamp(&self) -> u64 {
-        self.dog.stamp()
-    }
-
-    /// The sweep interval, in ms.
-    pub fn tick_ms(&self) -> u64 {
-        self.dog.tick_ms
+    /// The watchdog's clock read now (ms), for [`Deadline::arm`].
+    fn now(&self) -> u64 {
+        ms(self.dog.start.elapsed())
     }
 
     fn signal(&self, bits: u8) {
@@ -275,13 +286,13 @@ pub struct Deadline {
 }
 
 impl Deadline {
-    /// Arms the deadline `after` from now, as `w`'s clock tells it; the
-    /// future resolves once it is due and disarms when dropped. One request
-    /// at a time uses a connection's deadline (the one holding its upstream
-    /// slot).
+    /// Arms the deadline `after` from now; the future resolves once a
+    /// sweep finds it due and disarms when dropped. One request at a time
+    /// uses a connection's deadline (the one holding its upstream slot).
     pub fn arm<'a>(&'a self, w: &Watched, after: Duration) -> Armed<'a> {
-        // The stamp may be a tick old: add one so it never fires early.
-        let at = w.stamp() + w.tick_ms() + ms(after);
+        // The real clock, not a stamp: a stamp can be older than a tick
+        // when a sweep runs late, and this deadline must never fire early.
+        let at = w.now() + ms(after);
         self.at.store(at.max(1), Ordering::Relaxed);
         Armed(self)
     }
@@ -320,6 +331,9 @@ impl Future for Armed<'_> {
 impl Drop for Armed<'_> {
     fn drop(&mut self) {
         self.0.at.store(0, Ordering::Relaxed);
+        // The waker may be an HTTP/2 stream task's: do not keep that
+        // task's memory alive until the next request.
+        drop(self.0.waker.take());
     }
 }
 
@@ -415,18 +429,16 @@ mod tests {
         let w = d.watch();
         let mut cx = Context::from_waker(std::task::Waker::noop());
         {
+            // Armed on the real clock (≈0 ms into this test): due at ≥ 1 s.
             let armed = w.upstream.arm(&w, Duration::from_secs(1));
             let mut armed = std::pin::pin!(armed);
-            at(&d, 2000);
-            assert!(
-                armed.as_mut().poll(&mut cx).is_pending(),
-                "one tick of slack"
-            );
-            at(&d, 2100);
+            at(&d, 999);
+            assert!(armed.as_mut().poll(&mut cx).is_pending(), "not early");
+            at(&d, 100_000);
             assert!(armed.as_mut().poll(&mut cx).is_ready());
         }
         assert_eq!(w.upstream.at.load(Ordering::Relaxed), 0);
-        at(&d, 9000);
+        at(&d, 200_000);
         assert_eq!(w.upstream.at.load(Ordering::Relaxed), 0);
     }
 }
