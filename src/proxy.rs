@@ -29,28 +29,6 @@ pub mod affinity;
 use affinity::Claim;
 pub use affinity::{Affinity, Held};
 
-/// Request headers tiergate sets for the upstream (`stack.rs`).
-pub static X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
-/// See [`X_TENANT_ID`].
-pub static X_TENANT_TIER: HeaderName = HeaderName::from_static("x-tenant-tier");
-/// See [`X_TENANT_ID`].
-pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// See [`X_TENANT_ID`].
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-/// See [`X_TENANT_ID`].
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-
-/// The headers above: the client's `Connection` cannot name them away
-/// (RFC 9110 §7.6.1 applies connection options to the fields received,
-/// not to those the proxy adds).
-static OURS: [&HeaderName; 5] = [
-    &X_TENANT_ID,
-    &X_TENANT_TIER,
-    &X_REQUEST_ID,
-    &X_FORWARDED_FOR,
-    &X_FORWARDED_PROTO,
-];
-
 /// The request body type sent upstream.
 pub type UpstreamBody = LimitedBody<Incoming>;
 
@@ -71,15 +49,16 @@ pub enum UpstreamError {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1's list, the obsolete
 /// `Keep-Alive` and `Proxy-Connection`, and those listed in `Connection`).
 /// `Upgrade` is kept only when `keep_upgrade` (an upgrade being forwarded).
-/// Names in `ours` (headers tiergate set itself) are kept even when
-/// `Connection` lists them.
+/// On a request this runs before tiergate adds its own headers, so a
+/// client's `Connection` can name only what the client sent (RFC 9110
+/// §7.6.1 applies connection options to the fields received).
 ///
 /// Runs on every request and response, so it makes one pass over the
 /// names present instead of one hash lookup per hop-by-hop name (19 per
 /// request measured ~5% of a proxied request's instructions), compares
 /// standard names as enums rather than strings, splits `Connection` once,
 /// and keeps what it removes on the stack.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, ours: &[&HeaderName]) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // The names `Connection` lists; more than fit here is rare enough to
     // take the slow path below.
     let mut listed: [&[u8]; 8] = [&[]; 8];
@@ -117,7 +96,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool, ours: &[&He
             // Kept when forwarding an upgrade, however `Connection` lists it.
             !keep_upgrade
         } else {
-            is_hop(name) || (is_listed(name) && !ours.contains(&name))
+            is_hop(name) || is_listed(name)
         };
         if hop {
             match doomed.get_mut(n_doomed) {
@@ -224,8 +203,8 @@ impl Upstream {
         }
     }
 
-    /// Forwards `req` (headers already prepared by the caller except
-    /// hop-by-hop removal) and returns the upstream's response head with a
+    /// Forwards `req` (headers prepared by the caller, hop-by-hop ones
+    /// already removed: see `stack::set_forwarding_headers`) and returns the upstream's response head with a
     /// streaming body. `body_tripped` is the flag of the request's
     /// [`LimitedBody`]. With `affinity` (the client connection's slot and
     /// its watch) the request goes over the client connection's own
@@ -238,8 +217,9 @@ impl Upstream {
         body_tripped: &Arc<AtomicBool>,
         affinity: Option<(&Affinity, &Watched)>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let upgrade = is_upgrade(&req);
-        strip_hop_by_hop(req.headers_mut(), upgrade, &OURS);
+        // The caller stripped hop-by-hop headers, keeping `Upgrade` only
+        // for an upgrade (see `strip_hop_by_hop`).
+        let upgrade = req.headers().contains_key(header::UPGRADE);
         let pq = req
             .uri()
             .path_and_query()
@@ -296,7 +276,7 @@ impl Upstream {
             }
             Some(Ok(resp)) => resp,
         };
-        strip_hop_by_hop(resp.headers_mut(), false, &[]);
+        strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp)
     }
 
@@ -392,7 +372,7 @@ impl Upstream {
             // Keep Connection/Upgrade on a 101.
             return Ok(resp);
         }
-        strip_hop_by_hop(resp.headers_mut(), false, &[]);
+        strip_hop_by_hop(resp.headers_mut(), false);
         Ok(resp)
     }
 }
@@ -453,7 +433,7 @@ mod tests {
             ("upgrade", "websocket"),
             ("x-kept", "k"),
         ]);
-        strip_hop_by_hop(&mut h, false, &[]);
+        strip_hop_by_hop(&mut h, false);
         assert_eq!(names_of(&h), ["host", "x-kept"]);
     }
 
@@ -465,10 +445,10 @@ mod tests {
             ("x-kept", "k"),
         ];
         let mut h = map(&pairs);
-        strip_hop_by_hop(&mut h, true, &[]);
+        strip_hop_by_hop(&mut h, true);
         assert_eq!(names_of(&h), ["upgrade", "x-kept"]);
         let mut h = map(&pairs);
-        strip_hop_by_hop(&mut h, false, &[]);
+        strip_hop_by_hop(&mut h, false);
         assert_eq!(names_of(&h), ["x-kept"]);
     }
 
@@ -482,26 +462,14 @@ mod tests {
         pairs.push(("connection", &listed));
         pairs.push(("x-kept", "k"));
         let mut h = map(&pairs);
-        strip_hop_by_hop(&mut h, false, &[]);
+        strip_hop_by_hop(&mut h, false);
         assert_eq!(names_of(&h), ["x-kept"]);
-    }
-
-    #[test]
-    fn keeps_our_own_headers_however_connection_names_them() {
-        let mut h = map(&[
-            ("connection", "x-tenant-id, x-forwarded-for, x-secret"),
-            ("x-tenant-id", "t1"),
-            ("x-forwarded-for", "127.0.0.1"),
-            ("x-secret", "s"),
-        ]);
-        strip_hop_by_hop(&mut h, false, &OURS);
-        assert_eq!(names_of(&h), ["x-forwarded-for", "x-tenant-id"]);
     }
 
     #[test]
     fn leaves_a_clean_message_alone() {
         let mut h = map(&[("host", "a"), ("x-connection", "keep-alive"), ("te-x", "1")]);
-        strip_hop_by_hop(&mut h, false, &[]);
+        strip_hop_by_hop(&mut h, false);
         assert_eq!(names_of(&h), ["host", "te-x", "x-connection"]);
     }
 }

@@ -167,7 +167,7 @@ pub async fn run_worker(
                 state: state.clone(),
             });
             // Closed on every way out of this task (end, panic, abort).
-            let _closing = Closing(state.clone());
+            let _forget = Closing(state.clone());
             let svc_state = state.clone();
             let client = Arc::new(ClientConn::new(peer, held, state.clone()));
             let svc_client = client.clone();

@@ -35,16 +35,18 @@ use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
-use crate::proxy::{
-    Affinity, Held, Upstream, UpstreamError, X_FORWARDED_FOR, X_FORWARDED_PROTO, X_REQUEST_ID,
-    X_TENANT_ID, X_TENANT_TIER,
-};
+use crate::proxy::{Affinity, Held, Upstream, UpstreamError, is_upgrade, strip_hop_by_hop};
 use crate::server::watchdog::Watched;
 use crate::{App, Live};
 
 /// The body of every response the proxy returns.
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
+static X_TENANT_ID: HeaderName = HeaderName::from_static("x-tenant-id");
+static X_TENANT_TIER: HeaderName = HeaderName::from_static("x-tenant-tier");
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
@@ -382,9 +384,14 @@ struct AccessRecord {
     upstream_ms: f64,
 }
 
-/// Sets `x-forwarded-for` (appended when the peer is a trusted proxy,
-/// replaced otherwise), `x-forwarded-proto` and `x-request-id`.
+/// Removes the client's hop-by-hop headers, then sets `x-forwarded-for`
+/// (appended when the peer is a trusted proxy, replaced otherwise),
+/// `x-forwarded-proto` and `x-request-id`. Stripping first means a
+/// client's `Connection` cannot name away the headers tiergate adds (these
+/// and the tenant pair the caller adds next).
 fn set_forwarding_headers<B>(req: &mut Request<B>, conn: &ClientConn, peer_trusted: bool) {
+    let upgrade = is_upgrade(req);
+    strip_hop_by_hop(req.headers_mut(), upgrade);
     let h = req.headers_mut();
     // Room for these three and the two tenant headers the caller adds.
     h.reserve(5);
