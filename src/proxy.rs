@@ -49,6 +49,10 @@ pub enum UpstreamError {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1's list, the obsolete
 /// `Keep-Alive` and `Proxy-Connection`, and those listed in `Connection`).
 /// `Upgrade` is kept only when `keep_upgrade` (an upgrade being forwarded).
+/// A `TE` that accepts `trailers` is passed on as just `TE: trailers`, so
+/// the upstream may send trailer fields (hyper and most servers send them
+/// only to a client that says so); `Trailer`, which announces them, is an
+/// end-to-end field and stays (RFC 9110 §6.6.2).
 /// On a request this runs before tiergate adds its own headers, so a
 /// client's `Connection` can name only what the client sent (RFC 9110
 /// §7.6.1 applies connection options to the fields received).
@@ -91,10 +95,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     let mut doomed: [Option<HeaderName>; 4] = Default::default();
     let mut more: Vec<HeaderName> = Vec::new();
     let mut n_doomed = 0;
+    let mut te_trailers = false;
     for name in headers.keys() {
         let hop = if name == header::UPGRADE {
             // Kept when forwarding an upgrade, however `Connection` lists it.
             !keep_upgrade
+        } else if name == header::TE {
+            te_trailers = headers.get_all(header::TE).iter().any(offers_trailers);
+            true
         } else {
             is_hop(name) || is_listed(name)
         };
@@ -109,16 +117,26 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in doomed.into_iter().flatten().chain(more) {
         headers.remove(name);
     }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Whether a `TE` value lists `trailers` (RFC 9110 §10.1.4: a
+/// comma-separated list of codings, each maybe with `;q=` parameters).
+fn offers_trailers(v: &HeaderValue) -> bool {
+    v.as_bytes().split(|&b| b == b',').any(|t| {
+        let coding = t.split(|&b| b == b';').next().unwrap_or_default();
+        coding.trim_ascii().eq_ignore_ascii_case(b"trailers")
+    })
 }
 
 /// The fixed hop-by-hop names. Standard names compare as enums; only a
 /// custom name (not in the `http` crate's table) is compared as a string.
-/// (`Upgrade` is decided by the caller.)
+/// (`Upgrade` and `TE` are decided by the caller.)
 fn is_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TRANSFER_ENCODING
-        || name == header::TE
-        || name == header::TRAILER
         || name == header::PROXY_AUTHORIZATION
         || name == header::PROXY_AUTHENTICATE
         || matches!(name.as_str(), "keep-alive" | "proxy-connection")
@@ -427,14 +445,31 @@ mod tests {
             ("proxy-connection", "keep-alive"),
             ("proxy-authorization", "Basic x"),
             ("proxy-authenticate", "Basic"),
-            ("te", "trailers"),
-            ("trailer", "x-t"),
+            ("te", "gzip, deflate;q=0.5"),
             ("transfer-encoding", "chunked"),
             ("upgrade", "websocket"),
             ("x-kept", "k"),
         ]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(names_of(&h), ["host", "x-kept"]);
+    }
+
+    #[test]
+    fn passes_trailers_on_and_te_only_as_trailers() {
+        // `Trailer` is end to end; `TE` is hop-by-hop (here also listed in
+        // `Connection`, as RFC 9110 asks) but its `trailers` survives.
+        let mut h = map(&[
+            ("connection", "TE"),
+            ("te", "gzip;q=0.5, Trailers ;q=1"),
+            ("trailer", "x-checksum"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(names_of(&h), ["te", "trailer"]);
+        assert_eq!(h[header::TE], "trailers");
+        assert_eq!(h[header::TRAILER], "x-checksum");
+        let mut h = map(&[("te", "trailersx, deflate")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(names_of(&h).is_empty());
     }
 
     #[test]

@@ -211,7 +211,7 @@ fn hop_by_hop_headers_are_not_forwarded() {
         Connection: close, x-secret\r\n\
         x-secret: do-not-forward\r\n\
         Keep-Alive: timeout=5\r\n\
-        TE: trailers\r\n\
+        TE: gzip\r\n\
         Proxy-Authorization: Basic dXNlcjpwYXNz\r\n\
         x-kept: yes\r\n\
         \r\n";
@@ -230,6 +230,33 @@ fn hop_by_hop_headers_are_not_forwarded() {
     if let Some(c) = seen.header("connection") {
         assert!(!c.contains("x-secret"), "connection forwarded: {c}");
     }
+}
+
+/// Trailer fields pass through: a client that sends `TE: trailers` (here
+/// listed in `Connection`, as RFC 9110 asks of it) gets the upstream's
+/// `Trailer` header and, after the last chunk, the trailer field.
+///
+/// Why: gRPC-web, checksums and streamed status lines travel in trailers;
+/// a proxy that drops `TE: trailers` or `Trailer` silently loses them.
+#[test]
+fn trailers_pass_through() {
+    let up = Upstream::start();
+    let tg = Tiergate::start(&config(&up.url(), "", ""));
+    let req = "GET /trailers HTTP/1.1\r\n\
+        Host: tiergate\r\n\
+        x-tenant-id: t1\r\n\
+        TE: trailers\r\n\
+        Connection: TE, close\r\n\
+        \r\n";
+    let resp = raw_http(tg.proxy_addr(), req.as_bytes(), Duration::from_secs(5)).to_lowercase();
+    assert!(resp.starts_with("http/1.1 200"), "{resp}");
+    assert!(resp.contains("\r\ntrailer: x-checksum\r\n"), "{resp}");
+    assert!(
+        resp.ends_with("\r\n0\r\nx-checksum: abc\r\n\r\n"),
+        "no trailer after the last chunk: {resp:?}"
+    );
+    let seen = up.last().expect("upstream saw the request");
+    assert_eq!(seen.header("te"), Some("trailers"), "{:?}", seen.headers);
 }
 
 /// Request headers over `max_header_bytes` are answered 431 by the parser.

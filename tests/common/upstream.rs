@@ -65,6 +65,9 @@ type Body = UnsyncBoxBody<Bytes, Infallible>;
 /// - `/slow?ms=N`: sleeps N ms, then 200 with the default JSON body;
 /// - `/echo`: streams the request body back as it arrives (same
 ///   `content-type`), 200;
+/// - `/trailers`: 200, a chunked body `data` announced by
+///   `Trailer: x-checksum`, then the trailer field `x-checksum: abc` (hyper
+///   sends it only when the request said `TE: trailers`);
 /// - `/status/N`: answers status N (JSON body `{"status":N}`, empty for
 ///   1xx/204/304);
 /// - any request carrying an `Upgrade` header (HTTP/1.1): 101 with the same
@@ -239,6 +242,9 @@ async fn handle(mut req: Request<Incoming>, seen: SeenLog) -> Result<Response<Bo
     if let Some(code) = route.strip_prefix("/status/") {
         return Ok(status_response(code));
     }
+    if route == "/trailers" {
+        return Ok(with_trailers());
+    }
     if route == "/slow" {
         let ms = query_param(&path, "ms")
             .and_then(|v| v.parse::<u64>().ok())
@@ -247,6 +253,26 @@ async fn handle(mut req: Request<Incoming>, seen: SeenLog) -> Result<Response<Bo
     }
     let body = serde_json::json!({ "ok": true, "path": route }).to_string();
     Ok(json_response(StatusCode::OK, body))
+}
+
+/// `/trailers`: one data frame, then a trailers frame.
+fn with_trailers() -> Response<Body> {
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static("abc"));
+    let frames = [
+        Ok::<_, Infallible>(Frame::data(Bytes::from_static(b"data"))),
+        Ok(Frame::trailers(trailers)),
+    ];
+    let mut resp = Response::new(BodyExt::boxed_unsync(StreamBody::new(
+        futures_util::stream::iter(frames),
+    )));
+    let h = resp.headers_mut();
+    h.insert(
+        hyper::header::TRAILER,
+        HeaderValue::from_static("x-checksum"),
+    );
+    h.insert("x-upstream", HeaderValue::from_static("1"));
+    resp
 }
 
 /// Reads a body to its end, returning how many data bytes it had.
