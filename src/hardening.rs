@@ -17,6 +17,8 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use ipnet::IpNet;
 
+use crate::server::watchdog::InFlight;
+
 /// The client address: the peer, or — when the peer is a trusted proxy —
 /// the rightmost `X-Forwarded-For` entry that is not itself trusted.
 pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
@@ -62,6 +64,8 @@ pub struct LimitedBody<B> {
     inner: B,
     remaining: u64,
     tripped: Arc<AtomicBool>,
+    /// Keeps the request in flight for the watchdog until the body ends.
+    in_flight: Option<InFlight>,
 }
 
 /// The error a [`LimitedBody`] yields when over its limit.
@@ -76,7 +80,15 @@ impl<B> LimitedBody<B> {
             inner,
             remaining: limit,
             tripped,
+            in_flight: None,
         }
+    }
+
+    /// Holds `in_flight` until the body ends or is dropped (see
+    /// [`InFlight`]).
+    pub fn in_flight(mut self, in_flight: InFlight) -> Self {
+        self.in_flight = Some(in_flight);
+        self
     }
 }
 
@@ -98,6 +110,7 @@ where
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {
+                        this.in_flight = None;
                         this.tripped.store(true, Ordering::Relaxed);
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
@@ -105,8 +118,14 @@ where
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                this.in_flight = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.in_flight = None;
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

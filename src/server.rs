@@ -35,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use branches::Branches;
-use watchdog::{CLOSE, RELEASE, SHUT_DOWN, Watchdog, Watched};
+use watchdog::{CLOSE, InFlight, RELEASE, SHUT_DOWN, Watchdog, Watched};
 
 use crate::App;
 use crate::proxy::Held;
@@ -171,8 +171,11 @@ pub async fn run_worker(
             let svc_state = state.clone();
             let client = Arc::new(ClientConn::new(peer, held, state.clone()));
             let svc_client = client.clone();
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let gate = gate.clone();
+                if req.version() == hyper::Version::HTTP_2 {
+                    svc_state.multiplexed();
+                }
                 let in_flight = InFlight::start(svc_state.clone());
                 let client = svc_client.clone();
                 async move {
@@ -277,23 +280,6 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-/// One request in flight; finishes on drop, also when hyper drops the
-/// service future (client gone, HTTP/2 stream reset).
-struct InFlight(Arc<Watched>);
-
-impl InFlight {
-    fn start(state: Arc<Watched>) -> InFlight {
-        state.request_started();
-        InFlight(state)
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.request_finished();
     }
 }
 

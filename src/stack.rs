@@ -27,6 +27,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{CONTENT_LENGTH, HeaderName, HeaderValue};
 use http::{Request, Response};
+use http_body::Body as _;
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
@@ -36,7 +37,7 @@ use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
 use crate::proxy::{Affinity, Held, Upstream, UpstreamError, is_upgrade, strip_hop_by_hop};
-use crate::server::watchdog::Watched;
+use crate::server::watchdog::{InFlight, Watched};
 use crate::{App, Live};
 
 /// The body of every response the proxy returns.
@@ -316,7 +317,14 @@ impl Gate {
                 .map(str::to_owned);
         }
         let tripped = Arc::new(AtomicBool::new(false));
-        let req = req.map(|b| LimitedBody::new(b, limit, tripped.clone()));
+        let req = req.map(|b| {
+            let body = LimitedBody::new(b, limit, tripped.clone());
+            if body.is_end_stream() {
+                body
+            } else {
+                body.in_flight(InFlight::start(conn.watched.clone()))
+            }
+        });
         let started = Instant::now();
         let mut resp = match self
             .upstream

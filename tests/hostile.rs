@@ -507,6 +507,89 @@ async fn slow_request_bodies_are_bounded() {
     assert_serves(&tg, "after-slow-body").await;
 }
 
+/// Only a request head is timed by `header_read_timeout` (1 s here), not
+/// other bytes a client sends between requests: a chunked upload that the
+/// upstream answers at once (`/echo`) and that keeps trickling for 2.5 s is
+/// echoed to its end, and an HTTP/2 connection that PINGs every 200 ms
+/// between two requests 2.5 s apart serves both. Both are bounded by
+/// `idle_timeout` (10 s) instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_request_heads_are_held_to_header_read_timeout() {
+    let (_upstream, tg) = start("  header_read_timeout: 1s\n  idle_timeout: 10s\n");
+    let addr = tg.proxy_addr();
+
+    let upload = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        s.write_all(
+            b"POST /echo HTTP/1.1\r\nHost: tiergate\r\nx-tenant-id: upload\r\n\
+              Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        )
+        .expect("head");
+        let started = Instant::now();
+        let mut sent = 0;
+        while started.elapsed() < Duration::from_millis(2500) {
+            s.write_all(b"5\r\nhello\r\n")
+                .expect("a chunk (cut as a slow head?)");
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        s.write_all(b"0\r\n\r\n").expect("last chunk");
+        let mut got = Vec::new();
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.read_to_end(&mut got);
+        (sent, String::from_utf8_lossy(&got).into_owned())
+    });
+
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(200))
+            .keep_alive_while_idle(true)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    for i in 0..2 {
+        if i == 1 {
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+        }
+        let req = hyper::Request::get(format!("{}/h2-{i}", tg.proxy_url()))
+            .header("x-tenant-id", "pinger")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = h2
+            .send_request(req)
+            .await
+            .unwrap_or_else(|e| panic!("h2 request {i}: {e} (connection cut between requests?)"));
+        assert_eq!(resp.status(), 200, "h2 request {i}");
+    }
+
+    let (sent, resp) = upload.await.unwrap();
+    assert_eq!(status_of(&resp), Some(200), "{resp:?}");
+    let (_, body) = resp.split_once("\r\n\r\n").expect("a head");
+    assert_eq!(
+        dechunk(body).as_deref(),
+        Some("hello".repeat(sent).as_str()),
+        "echo cut short: {resp:?}"
+    );
+    assert_serves(&tg, "after-slow-upload").await;
+}
+
+/// A complete chunked body's data (`None` if it does not end properly).
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            return (rest == "\r\n").then_some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Hostile JWTs
 

@@ -103,6 +103,7 @@ impl Watchdog {
             signals: AtomicU8::new(if draining { SHUT_DOWN } else { 0 }),
             waker: AtomicWaker::new(),
             upstream: Deadline::default(),
+            head_clock: AtomicBool::new(true),
             shut_down: AtomicBool::new(draining),
             closed: AtomicBool::new(false),
         });
@@ -200,6 +201,9 @@ pub struct Watched {
     /// The deadline of the request on the connection's own upstream
     /// connection.
     pub upstream: Deadline,
+    /// Whether bytes between requests start the head clock: true until an
+    /// HTTP/2 request shows the connection is multiplexed.
+    head_clock: AtomicBool,
     /// SHUT_DOWN was sent (idle or drain): once is enough.
     shut_down: AtomicBool,
     closed: AtomicBool,
@@ -212,6 +216,7 @@ impl Watched {
         self.last_activity.store(now, Ordering::Relaxed);
         if self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == 0
+            && self.head_clock.load(Ordering::Relaxed)
         {
             self.head_since.store(now + 1, Ordering::Relaxed);
         }
@@ -223,14 +228,26 @@ impl Watched {
             .store(self.dog.stamp(), Ordering::Relaxed);
     }
 
+    /// An HTTP/2 request arrived. From now on bytes between requests are
+    /// control frames (PING, SETTINGS, WINDOW_UPDATE), not a slow head, so
+    /// they no longer start the head clock: the connection is bounded by
+    /// `idle_timeout` (and hyper's HTTP/2 limits) instead. Before its first
+    /// request an HTTP/2 connection's preface counts as a head, as nginx's
+    /// `client_header_timeout` does.
+    pub fn multiplexed(&self) {
+        if self.head_clock.swap(false, Ordering::Relaxed) {
+            self.head_since.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// A request head is complete.
-    pub fn request_started(&self) {
+    fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
     }
 
     /// Its response is made (or it was dropped).
-    pub fn request_finished(&self) {
+    fn request_finished(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -258,6 +275,28 @@ impl Watched {
         if before & bits != bits {
             self.waker.wake();
         }
+    }
+}
+
+/// A request in flight, from its complete head until dropped: bytes read
+/// meanwhile are its body, not the next head. The service holds one until
+/// the response is made (also when hyper drops the service future: client
+/// gone, HTTP/2 stream reset), and a request body still arriving after
+/// that holds another until it ends, so a slow upload answered early is
+/// bounded by `idle_timeout`, not cut at `header_read_timeout`.
+pub struct InFlight(Arc<Watched>);
+
+impl InFlight {
+    /// Counts a request (or its body) as in flight on `state`.
+    pub fn start(state: Arc<Watched>) -> InFlight {
+        state.request_started();
+        InFlight(state)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_finished();
     }
 }
 
@@ -381,10 +420,30 @@ mod tests {
         assert_eq!(take(&w) & CLOSE, 0, "one tick of slack");
         at(&d, 1000 + 900);
         assert_eq!(take(&w) & CLOSE, CLOSE);
-        // A complete head stops the clock.
-        w.request_started();
+        // A complete head stops the clock; bytes of its body do not
+        // restart it while the request (or its body) is in flight.
+        let request = InFlight::start(w.clone());
+        w.bytes_read();
         at(&d, 5000);
         assert_eq!(take(&w) & CLOSE, 0);
+        drop(request);
+        w.bytes_read(); // stamped 5000: the next head
+        at(&d, 5000 + 900);
+        assert_eq!(take(&w) & CLOSE, CLOSE);
+    }
+
+    #[test]
+    fn frames_between_http2_requests_are_not_heads() {
+        let d = dog();
+        at(&d, 1000);
+        let w = d.watch();
+        w.bytes_read(); // the preface: a head until the first request
+        w.multiplexed();
+        drop(InFlight::start(w.clone()));
+        w.bytes_read(); // a PING
+        at(&d, 10_000);
+        assert_eq!(take(&w) & CLOSE, 0);
+        assert_eq!(w.head_since.load(Ordering::Relaxed), 0);
     }
 
     #[test]
@@ -403,7 +462,7 @@ mod tests {
         // Activity starts a new spell.
         d.now.store(3000, Ordering::Relaxed);
         w.bytes_read();
-        w.request_started();
+        let _request = InFlight::start(w.clone());
         at(&d, 3500);
         assert_eq!(take(&w), RELEASE);
     }
