@@ -196,6 +196,37 @@ async fn a_batch_mixing_tenants_and_buckets_decides_like_one_call_at_a_time() {
     );
 }
 
+/// Consecutive identical decisions (a busy tenant's concurrent requests)
+/// go to Redis as one run with its length. A run that outlasts the tokens
+/// (6 of a tenant whose burst is 4), one cut short by its second bucket
+/// (a route with burst 2), and a run after both must each give every
+/// decision the answer, tokens left and retry time it gets one at a time.
+#[tokio::test]
+async fn runs_of_identical_decisions_decide_like_one_call_at_a_time() {
+    let tier = vec![bucket("tenant", "1/m", 4, 1)];
+    let routed = vec![bucket("tenant", "1/m", 4, 1), bucket("export", "1/m", 2, 1)];
+    let (t, u) = (tenant("busy"), tenant("exporter"));
+    let mut decisions: Vec<(TenantId, Vec<BucketSpec>)> = Vec::new();
+    decisions.extend(std::iter::repeat_n((t.clone(), tier.clone()), 6));
+    decisions.extend(std::iter::repeat_n((u.clone(), routed), 3));
+    decisions.extend(std::iter::repeat_n((u, tier), 3));
+
+    let (expected, got, calls) = one_at_a_time_and_batched(&decisions).await;
+    assert_eq!(got, expected);
+    let admitted: Vec<bool> = expected.iter().map(|d| d.0).collect();
+    assert_eq!(
+        admitted,
+        [
+            true, true, true, true, false, false, true, true, false, true, true, false
+        ],
+        "{expected:?}"
+    );
+    assert!(
+        calls <= 3,
+        "12 concurrent decisions took {calls} script calls"
+    );
+}
+
 /// A bucket whose rate changes between decisions of one batch (a tier
 /// change landing mid-batch): the script re-expresses the stored state in
 /// the new rate, and every later decision of the batch must see that, just

@@ -15,7 +15,12 @@
 //! adds no latency; decisions that arrive while that many are in flight
 //! wait in a queue and all go in the next call (at most [`MAX_BATCH`] per
 //! call, so one reply stays small). Under load this turns N `EVALSHA`s
-//! (N request/reply frames, N script starts, N `TIME`s) into one.
+//! (N request/reply frames, N script starts, N `TIME`s) into one. Within a
+//! call, a run of identical decisions (one busy tenant's concurrent
+//! requests) is sent once with its length, which spares Redis the
+//! per-decision work. `redis-benchmark`, a call of 9 decisions of one
+//! tenant: script time 18.0 → 8.5 µs, Redis CPU per call (network
+//! included) 29.0 → 18.1 µs; calls of distinct tenants cost what they did.
 //!
 //! There is no long-lived task: the decision that finds a free in-flight
 //! slot spawns a short *flusher* on the caller's runtime, which sends
@@ -33,30 +38,37 @@ use super::super::LimiterError;
 
 /// Check-and-debit over a sequence of decisions.
 ///
-/// KEYS are the buckets of all decisions, in order. ARGV holds, per
-/// decision, its bucket count `n` followed by `interval, tau, cost` per
-/// bucket (microseconds, tokens). Each bucket is a string key holding
-/// `<tat>:<interval>`; a TAT stored under another interval is re-expressed
-/// in the current one (see `Gcra::normalize`) and written back even when
-/// the decision is refused, so that the conversion happens once.
+/// KEYS are the buckets of the decisions, in order. The decisions come in
+/// *runs*: consecutive decisions with the same buckets and the same
+/// arguments (a busy tenant's concurrent requests) are sent once, with how
+/// many they are. ARGV holds, per run, its bucket count `n` and its length
+/// `count`, followed by `interval, tau, cost` per bucket (microseconds,
+/// tokens); KEYS holds each run's `n` keys once. Each bucket is a string
+/// key holding `<tat>:<interval>`; a TAT stored under another interval is
+/// re-expressed in the current one (see `Gcra::normalize`) and written back
+/// even when the decision is refused, so that the conversion happens once.
+///
+/// A run is decided exactly as its decisions would be one by one: each is
+/// all-or-nothing over its buckets and, admitted, moves every bucket's TAT
+/// on by `cost * interval`; the first refusal changes nothing, so every
+/// later decision of the run is refused too. The script therefore counts
+/// the admitted prefix instead of re-reading the arguments per decision.
 ///
 /// The keys are read with one `MGET` and each changed key is written once,
 /// at the end, with its final value: the decisions in between work on a
-/// Lua table. A hot tenant's batch of N decisions thus costs Redis two key
-/// operations instead of 2N (measured with `redis-benchmark`, 7 decisions
-/// on one key: 34 → 17 µs per call; on 7 keys unchanged).
+/// Lua table.
 ///
-/// Returns one flat array: `now`, then per decision `admitted` (1 or 0)
-/// followed by its `n` TATs as they were before that decision
-/// (`max(tat, now)`); the caller re-derives each reply (remaining, reset,
-/// retry-after) from them with `evaluate`, the arithmetic the memory
-/// backend uses.
+/// Returns one flat array: `now`, then per run the number admitted (a
+/// prefix of the run) followed by its `n` TATs as they were before the
+/// run (`max(tat, now)`, re-expressed); [`split`] derives each decision's
+/// own TATs from them, and the caller its reply (remaining, reset,
+/// retry-after) with `evaluate`, the arithmetic the memory backend uses.
 pub(super) const SCRIPT: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local reply = { now }
--- Every bucket's stored state, read once; decisions then read and write
--- this table, and each changed key is written once at the end.
+-- Every bucket's stored state, read once; runs then read and write this
+-- table, and each changed key is written once at the end.
 local values = #KEYS > 0 and redis.call('MGET', unpack(KEYS)) or {}
 local tat_of, interval_of = {}, {}
 local dirty, order = {}, {}
@@ -77,16 +89,14 @@ end
 local k = 0
 local a = 0
 local nargv = #ARGV
-local tats, converted = {}, {}
+local tats, steps, taus, intervals, converted = {}, {}, {}, {}, {}
 while a < nargv do
   local n = tonumber(ARGV[a + 1])
-  a = a + 1
-  local ok = true
+  local count = tonumber(ARGV[a + 2])
+  a = a + 2
   for i = 1, n do
     local key = KEYS[k + i]
     local interval = tonumber(ARGV[a + 3 * i - 2])
-    local tau = tonumber(ARGV[a + 3 * i - 1])
-    local cost = tonumber(ARGV[a + 3 * i])
     local tat = now
     local stored = tat_of[key]
     converted[i] = false
@@ -99,20 +109,31 @@ while a < nargv do
       tat = stored
     end
     tats[i] = tat
-    if tat + cost * interval - now > tau then ok = false end
+    intervals[i] = interval
+    taus[i] = tonumber(ARGV[a + 3 * i - 1])
+    steps[i] = tonumber(ARGV[a + 3 * i]) * interval
   end
-  reply[#reply + 1] = ok and 1 or 0
-  for i = 1, n do
-    local tat = tats[i]
-    reply[#reply + 1] = tat
-    if ok or converted[i] then
-      local key = KEYS[k + i]
-      local interval = tonumber(ARGV[a + 3 * i - 2])
-      if ok then
-        tat = tat + tonumber(ARGV[a + 3 * i]) * interval
+  -- The admitted prefix: decision m (0-based) sees every TAT moved on by
+  -- the m admitted before it.
+  local m = 0
+  while m < count do
+    local ok = true
+    for i = 1, n do
+      if tats[i] + (m + 1) * steps[i] - now > taus[i] then
+        ok = false
+        break
       end
-      tat_of[key] = tat
-      interval_of[key] = interval
+    end
+    if not ok then break end
+    m = m + 1
+  end
+  reply[#reply + 1] = m
+  for i = 1, n do
+    reply[#reply + 1] = tats[i]
+    if m > 0 or converted[i] then
+      local key = KEYS[k + i]
+      tat_of[key] = tats[i] + m * steps[i]
+      interval_of[key] = intervals[i]
       if not dirty[key] then
         dirty[key] = true
         order[#order + 1] = key
@@ -142,6 +163,7 @@ pub const MAX_IN_FLIGHT: usize = 4;
 pub const MAX_BATCH: usize = 128;
 
 /// One decision's part of a script call.
+#[derive(Debug)]
 pub(super) struct Request {
     /// Bucket keys; the first `n` are used.
     pub keys: [String; 4],
@@ -149,6 +171,16 @@ pub(super) struct Request {
     pub args: [u64; 12],
     /// Number of buckets (1..=4).
     pub n: usize,
+}
+
+/// The same decision: same buckets, same arguments (the unused tail of
+/// the arrays does not count).
+impl PartialEq for Request {
+    fn eq(&self, other: &Request) -> bool {
+        self.n == other.n
+            && self.keys[..self.n] == other.keys[..other.n]
+            && self.args[..3 * self.n] == other.args[..3 * other.n]
+    }
 }
 
 /// What the script decided for one decision.
@@ -174,21 +206,23 @@ pub(super) fn classify(e: redis::RedisError) -> LimiterError {
 }
 
 /// Runs the script once over `reqs`, bounded by `timeout`, and splits the
-/// reply into one verdict per request, in order.
+/// reply into one verdict per request, in order. Consecutive identical
+/// requests go as one run (see [`SCRIPT`]).
 pub(super) async fn call<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     script: &redis::Script,
     timeout: Duration,
     reqs: &[&Request],
 ) -> Result<Vec<Verdict>, LimiterError> {
+    let runs = runs(reqs);
     let mut inv = script.prepare_invoke();
-    for r in reqs {
+    for &(r, _) in &runs {
         for key in &r.keys[..r.n] {
             inv.key(key.as_str());
         }
     }
-    for r in reqs {
-        inv.arg(r.n);
+    for &(r, count) in &runs {
+        inv.arg(r.n).arg(count);
         for a in &r.args[..3 * r.n] {
             inv.arg(*a);
         }
@@ -210,28 +244,55 @@ pub(super) async fn call<C: redis::aio::ConnectionLike>(
         Err(_) => return Err(LimiterError::Timeout),
         Ok(r) => r.map_err(classify)?,
     };
-    split(&reply, reqs.iter().map(|r| r.n))
+    split(&reply, &runs, reqs.len())
 }
 
-/// Splits the script's flat reply by the decisions' bucket counts.
+/// `reqs` as runs of consecutive identical requests, each with its length.
+fn runs<'a>(reqs: &[&'a Request]) -> Vec<(&'a Request, usize)> {
+    let mut runs: Vec<(&Request, usize)> = Vec::with_capacity(reqs.len());
+    for &r in reqs {
+        match runs.last_mut() {
+            Some((last, count)) if *last == r => *count += 1,
+            _ => runs.push((r, 1)),
+        }
+    }
+    runs
+}
+
+/// Splits the script's flat reply into one verdict per decision of `runs`
+/// (`total` in all). Decision `j` of a run whose first `m` were admitted
+/// saw each TAT moved on by `min(j, m)` debits.
 fn split(
     reply: &[u64],
-    counts: impl ExactSizeIterator<Item = usize>,
+    runs: &[(&Request, usize)],
+    total: usize,
 ) -> Result<Vec<Verdict>, LimiterError> {
     let bad = || LimiterError::Redis(format!("unexpected script reply of {} values", reply.len()));
     let (&now, mut rest) = reply.split_first().ok_or_else(bad)?;
-    let mut out = Vec::with_capacity(counts.len());
-    for n in counts {
+    let mut out = Vec::with_capacity(total);
+    for &(r, count) in runs {
+        let n = r.n;
         if rest.len() < n + 1 {
             return Err(bad());
         }
-        let mut tats = [0u64; 4];
-        tats[..n].copy_from_slice(&rest[1..=n]);
-        out.push(Verdict {
-            admitted: rest[0] == 1,
-            now,
-            tats,
-        });
+        let admitted = usize::try_from(rest[0]).map_err(|_| bad())?;
+        if admitted > count {
+            return Err(bad());
+        }
+        let before = &rest[1..=n];
+        for j in 0..count {
+            let debits = j.min(admitted) as u64;
+            let mut tats = [0u64; 4];
+            for (i, (tat, before)) in tats.iter_mut().zip(before).enumerate() {
+                let step = r.args[3 * i + 2].saturating_mul(r.args[3 * i]);
+                *tat = before.saturating_add(debits.saturating_mul(step));
+            }
+            out.push(Verdict {
+                admitted: j < admitted,
+                now,
+                tats,
+            });
+        }
         rest = &rest[n + 1..];
     }
     if !rest.is_empty() {
@@ -359,19 +420,64 @@ async fn flush(mut slot: InFlight) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn split_follows_each_decisions_bucket_count() {
-        let reply = [100, 1, 7, 0, 8, 9];
-        let v = split(&reply, [1usize, 2].into_iter()).unwrap();
-        assert_eq!(v.len(), 2);
-        assert!(v[0].admitted && v[0].now == 100 && v[0].tats[0] == 7);
-        assert!(!v[1].admitted && v[1].tats[..2] == [8, 9]);
+    fn req(key: &str, n: usize, cost: u64) -> Request {
+        let mut r = Request {
+            keys: Default::default(),
+            args: [0; 12],
+            n,
+        };
+        for i in 0..n {
+            r.keys[i] = format!("{key}{i}");
+            // interval 10, tau 100, cost
+            r.args[3 * i..3 * i + 3].copy_from_slice(&[10, 100, cost]);
+        }
+        r
     }
 
     #[test]
-    fn split_rejects_a_reply_of_the_wrong_length() {
-        assert!(split(&[100, 1, 7], [2usize].into_iter()).is_err());
-        assert!(split(&[100, 1, 7, 8], [1usize].into_iter()).is_err());
-        assert!(split(&[], [1usize].into_iter()).is_err());
+    fn runs_are_consecutive_identical_requests_only() {
+        let (a, a2, b) = (req("a", 1, 1), req("a", 1, 1), req("a", 1, 2));
+        let mut c = req("a", 1, 1);
+        // The unused tail of the arrays does not make requests differ.
+        c.keys[3] = "junk".into();
+        c.args[11] = 7;
+        let got: Vec<usize> = runs(&[&a, &a2, &c, &b, &a]).iter().map(|r| r.1).collect();
+        assert_eq!(got, [3, 1, 1], "same, same, same, other cost, same again");
+    }
+
+    #[test]
+    fn split_gives_each_decision_of_a_run_its_own_tats() {
+        let (one, two) = (req("a", 1, 1), req("b", 2, 2));
+        // now 100; run of 3 (2 admitted) from TAT 500; run of 2 (none)
+        // from TATs 7 and 8.
+        let reply = [100, 2, 500, 0, 7, 8];
+        let v = split(&reply, &[(&one, 3), (&two, 2)], 5).unwrap();
+        let got: Vec<(bool, u64, u64)> = v
+            .iter()
+            .map(|v| (v.admitted, v.tats[0], v.tats[1]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (true, 500, 0),
+                (true, 510, 0),
+                (false, 520, 0),
+                (false, 7, 8),
+                (false, 7, 8),
+            ]
+        );
+        assert!(v.iter().all(|v| v.now == 100));
+    }
+
+    #[test]
+    fn split_rejects_a_reply_of_the_wrong_shape() {
+        let (one, two) = (req("a", 1, 1), req("b", 2, 1));
+        assert!(split(&[100, 1, 7], &[(&two, 1)], 1).is_err());
+        assert!(split(&[100, 1, 7, 8], &[(&one, 1)], 1).is_err());
+        assert!(
+            split(&[100, 3, 7], &[(&one, 2)], 2).is_err(),
+            "more admitted than sent"
+        );
+        assert!(split(&[], &[(&one, 1)], 1).is_err());
     }
 }
