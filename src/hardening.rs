@@ -59,7 +59,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 /// A request body that fails once more than `limit` bytes have streamed
 /// through, and records that it did so the proxy can answer 413 instead of
-/// 502.
+/// 502. It ends at the client's trailer fields, which are not forwarded.
 pub struct LimitedBody<B> {
     inner: B,
     remaining: u64,
@@ -107,6 +107,12 @@ where
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
+                if frame.is_trailers() {
+                    // A client's trailer fields are not forwarded (see
+                    // `proxy::strip_hop_by_hop`): the body ends here.
+                    this.in_flight = None;
+                    return Poll::Ready(None);
+                }
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
                     if len > this.remaining {

@@ -46,13 +46,27 @@ pub enum UpstreamError {
     BodyTooLarge,
 }
 
+/// Which message [`strip_hop_by_hop`] cleans.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Hop {
+    /// A client's request; `upgrade` when it is an upgrade being forwarded.
+    Request { upgrade: bool },
+    /// The upstream's response.
+    Response,
+}
+
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1's list, the obsolete
 /// `Keep-Alive` and `Proxy-Connection`, and those listed in `Connection`).
-/// `Upgrade` is kept only when `keep_upgrade` (an upgrade being forwarded).
-/// A `TE` that accepts `trailers` is passed on as just `TE: trailers`, so
-/// the upstream may send trailer fields (hyper and most servers send them
-/// only to a client that says so); `Trailer`, which announces them, is an
-/// end-to-end field and stays (RFC 9110 §6.6.2).
+/// `Upgrade` is kept only on a request being forwarded as an upgrade.
+///
+/// Trailers flow one way, upstream to client. On a request, a `TE` that
+/// accepts `trailers` is passed on as just `TE: trailers` with
+/// `Connection: te` (RFC 9110 §10.1.4), so the upstream may send trailer
+/// fields (hyper and most servers send them only to a client that says
+/// so). A request's own `Trailer` is removed, and with it the client's
+/// trailer fields (hyper sends only announced ones): they would reach the
+/// upstream after tiergate's checks, e.g. a forged `x-tenant-tier`. A
+/// response's `Trailer` stays (it is end to end, RFC 9110 §6.6.2).
 /// On a request this runs before tiergate adds its own headers, so a
 /// client's `Connection` can name only what the client sent (RFC 9110
 /// §7.6.1 applies connection options to the fields received).
@@ -62,7 +76,11 @@ pub enum UpstreamError {
 /// request measured ~5% of a proxied request's instructions), compares
 /// standard names as enums rather than strings, splits `Connection` once,
 /// and keeps what it removes on the stack.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, hop: Hop) {
+    let (request, keep_upgrade) = match hop {
+        Hop::Request { upgrade } => (true, upgrade),
+        Hop::Response => (false, false),
+    };
     // The names `Connection` lists; more than fit here is rare enough to
     // take the slow path below.
     let mut listed: [&[u8]; 8] = [&[]; 8];
@@ -101,8 +119,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             // Kept when forwarding an upgrade, however `Connection` lists it.
             !keep_upgrade
         } else if name == header::TE {
-            te_trailers = headers.get_all(header::TE).iter().any(offers_trailers);
+            te_trailers = request && headers.get_all(header::TE).iter().any(offers_trailers);
             true
+        } else if name == header::TRAILER {
+            request
         } else {
             is_hop(name) || is_listed(name)
         };
@@ -119,6 +139,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("te"));
     }
 }
 
@@ -133,7 +154,7 @@ fn offers_trailers(v: &HeaderValue) -> bool {
 
 /// The fixed hop-by-hop names. Standard names compare as enums; only a
 /// custom name (not in the `http` crate's table) is compared as a string.
-/// (`Upgrade` and `TE` are decided by the caller.)
+/// (`Upgrade`, `TE` and `Trailer` are decided by the caller.)
 fn is_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TRANSFER_ENCODING
@@ -294,7 +315,7 @@ impl Upstream {
             }
             Some(Ok(resp)) => resp,
         };
-        strip_hop_by_hop(resp.headers_mut(), false);
+        strip_hop_by_hop(resp.headers_mut(), Hop::Response);
         Ok(resp)
     }
 
@@ -359,8 +380,10 @@ impl Upstream {
     ) -> Result<Response<Incoming>, UpstreamError> {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         if upgrade {
+            let te = req.headers().contains_key(header::TE);
+            let connection = if te { "upgrade, te" } else { "upgrade" };
             req.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                .insert(header::CONNECTION, HeaderValue::from_static(connection));
         }
         let result = tokio::time::timeout(self.timeout, self.client.request(req)).await;
         let mut resp = match result {
@@ -390,7 +413,7 @@ impl Upstream {
             // Keep Connection/Upgrade on a 101.
             return Ok(resp);
         }
-        strip_hop_by_hop(resp.headers_mut(), false);
+        strip_hop_by_hop(resp.headers_mut(), Hop::Response);
         Ok(resp)
     }
 }
@@ -450,25 +473,31 @@ mod tests {
             ("upgrade", "websocket"),
             ("x-kept", "k"),
         ]);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, Hop::Request { upgrade: false });
         assert_eq!(names_of(&h), ["host", "x-kept"]);
     }
 
     #[test]
-    fn passes_trailers_on_and_te_only_as_trailers() {
-        // `Trailer` is end to end; `TE` is hop-by-hop (here also listed in
-        // `Connection`, as RFC 9110 asks) but its `trailers` survives.
-        let mut h = map(&[
+    fn trailers_flow_from_the_upstream_only() {
+        const REQUEST: Hop = Hop::Request { upgrade: false };
+        let pairs = [
+            // `TE` is hop-by-hop (here listed in `Connection`, as RFC 9110
+            // asks), but a request's `trailers` survives it.
             ("connection", "TE"),
             ("te", "gzip;q=0.5, Trailers ;q=1"),
-            ("trailer", "x-checksum"),
-        ]);
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(names_of(&h), ["te", "trailer"]);
+            ("trailer", "x-tenant-tier"),
+        ];
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, REQUEST);
+        assert_eq!(names_of(&h), ["connection", "te"], "no request trailers");
         assert_eq!(h[header::TE], "trailers");
-        assert_eq!(h[header::TRAILER], "x-checksum");
+        assert_eq!(h[header::CONNECTION], "te");
+        // A response keeps its `Trailer`; `TE` means nothing there.
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, Hop::Response);
+        assert_eq!(names_of(&h), ["trailer"]);
         let mut h = map(&[("te", "trailersx, deflate")]);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, REQUEST);
         assert!(names_of(&h).is_empty());
     }
 
@@ -480,10 +509,10 @@ mod tests {
             ("x-kept", "k"),
         ];
         let mut h = map(&pairs);
-        strip_hop_by_hop(&mut h, true);
+        strip_hop_by_hop(&mut h, Hop::Request { upgrade: true });
         assert_eq!(names_of(&h), ["upgrade", "x-kept"]);
         let mut h = map(&pairs);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, Hop::Request { upgrade: false });
         assert_eq!(names_of(&h), ["x-kept"]);
     }
 
@@ -497,14 +526,14 @@ mod tests {
         pairs.push(("connection", &listed));
         pairs.push(("x-kept", "k"));
         let mut h = map(&pairs);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, Hop::Request { upgrade: false });
         assert_eq!(names_of(&h), ["x-kept"]);
     }
 
     #[test]
     fn leaves_a_clean_message_alone() {
         let mut h = map(&[("host", "a"), ("x-connection", "keep-alive"), ("te-x", "1")]);
-        strip_hop_by_hop(&mut h, false);
+        strip_hop_by_hop(&mut h, Hop::Request { upgrade: false });
         assert_eq!(names_of(&h), ["host", "te-x", "x-connection"]);
     }
 }

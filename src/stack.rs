@@ -36,7 +36,7 @@ use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
-use crate::proxy::{Affinity, Held, Upstream, UpstreamError, is_upgrade, strip_hop_by_hop};
+use crate::proxy::{Affinity, Held, Hop, Upstream, UpstreamError, is_upgrade, strip_hop_by_hop};
 use crate::server::watchdog::{InFlight, Watched};
 use crate::{App, Live};
 
@@ -399,7 +399,7 @@ struct AccessRecord {
 /// and the tenant pair the caller adds next).
 fn set_forwarding_headers<B>(req: &mut Request<B>, conn: &ClientConn, peer_trusted: bool) {
     let upgrade = is_upgrade(req);
-    strip_hop_by_hop(req.headers_mut(), upgrade);
+    strip_hop_by_hop(req.headers_mut(), Hop::Request { upgrade });
     let h = req.headers_mut();
     // Room for these three and the two tenant headers the caller adds.
     h.reserve(5);

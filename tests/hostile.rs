@@ -511,11 +511,12 @@ async fn slow_request_bodies_are_bounded() {
 /// other bytes a client sends between requests: a chunked upload that the
 /// upstream answers at once (`/echo`) and that keeps trickling for 2.5 s is
 /// echoed to its end, and an HTTP/2 connection that PINGs every 200 ms
-/// between two requests 2.5 s apart serves both. Both are bounded by
-/// `idle_timeout` (10 s) instead.
+/// between two requests 2.5 s apart serves both. PINGs do not keep an
+/// HTTP/2 connection, though: `idle_timeout` (3 s) after its last request
+/// it is closed, pinging or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_request_heads_are_held_to_header_read_timeout() {
-    let (_upstream, tg) = start("  header_read_timeout: 1s\n  idle_timeout: 10s\n");
+    let (_upstream, tg) = start("  header_read_timeout: 1s\n  idle_timeout: 3s\n");
     let addr = tg.proxy_addr();
 
     let upload = tokio::task::spawn_blocking(move || {
@@ -564,6 +565,19 @@ async fn only_request_heads_are_held_to_header_read_timeout() {
             .unwrap_or_else(|e| panic!("h2 request {i}: {e} (connection cut between requests?)"));
         assert_eq!(resp.status(), 200, "h2 request {i}");
     }
+    let last_request = Instant::now();
+    while !h2.is_closed() && last_request.elapsed() < Duration::from_secs(6) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        h2.is_closed(),
+        "a pinging HTTP/2 connection outlived idle_timeout (3 s) by far"
+    );
+    assert!(
+        last_request.elapsed() >= Duration::from_secs(3),
+        "closed {:?} after its last request (idle_timeout 3 s)",
+        last_request.elapsed()
+    );
 
     let (sent, resp) = upload.await.unwrap();
     assert_eq!(status_of(&resp), Some(200), "{resp:?}");

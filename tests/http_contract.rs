@@ -232,14 +232,17 @@ fn hop_by_hop_headers_are_not_forwarded() {
     }
 }
 
-/// Trailer fields pass through: a client that sends `TE: trailers` (here
-/// listed in `Connection`, as RFC 9110 asks of it) gets the upstream's
-/// `Trailer` header and, after the last chunk, the trailer field.
+/// Trailer fields flow from the upstream to the client: a client that
+/// sends `TE: trailers` (here listed in `Connection`, as RFC 9110 asks of
+/// it) gets the upstream's `Trailer` header and, after the last chunk, the
+/// trailer field. A client's own trailer fields never reach the upstream.
 ///
 /// Why: gRPC-web, checksums and streamed status lines travel in trailers;
-/// a proxy that drops `TE: trailers` or `Trailer` silently loses them.
+/// a proxy that drops `TE: trailers` or `Trailer` silently loses them. A
+/// request trailer would arrive after tiergate's checks, so it could carry
+/// a forged `x-tenant-tier` or `x-tenant-id` past them.
 #[test]
-fn trailers_pass_through() {
+fn trailers_flow_from_the_upstream_only() {
     let up = Upstream::start();
     let tg = Tiergate::start(&config(&up.url(), "", ""));
     let req = "GET /trailers HTTP/1.1\r\n\
@@ -257,6 +260,26 @@ fn trailers_pass_through() {
     );
     let seen = up.last().expect("upstream saw the request");
     assert_eq!(seen.header("te"), Some("trailers"), "{:?}", seen.headers);
+    assert_eq!(seen.header("connection"), Some("te"), "{:?}", seen.headers);
+
+    let req = "POST /upload HTTP/1.1\r\n\
+        Host: tiergate\r\n\
+        x-tenant-id: t1\r\n\
+        Trailer: x-tenant-tier, x-tenant-id, x-checksum\r\n\
+        Transfer-Encoding: chunked\r\n\
+        Connection: close\r\n\
+        \r\n\
+        4\r\nbody\r\n0\r\nx-tenant-tier: enterprise\r\nx-tenant-id: victim\r\nx-checksum: 1\r\n\r\n";
+    let resp = raw_http(tg.proxy_addr(), req.as_bytes(), Duration::from_secs(5));
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let seen = up.last().expect("upstream saw the upload");
+    assert_eq!(seen.body_len, 4);
+    assert_eq!(seen.header("trailer"), None, "{:?}", seen.headers);
+    assert!(
+        seen.trailers.is_empty(),
+        "client trailers forwarded: {:?}",
+        seen.trailers
+    );
 }
 
 /// Request headers over `max_header_bytes` are answered 431 by the parser.

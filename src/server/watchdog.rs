@@ -210,8 +210,13 @@ pub struct Watched {
 }
 
 impl Watched {
-    /// Bytes arrived from the client.
+    /// Bytes arrived from the client. On a multiplexed connection they are
+    /// frames, which say nothing about a head or idleness (see
+    /// [`Watched::multiplexed`]).
     pub fn bytes_read(&self) {
+        if !self.head_clock.load(Ordering::Relaxed) {
+            return;
+        }
         let now = self.dog.stamp();
         self.last_activity.store(now, Ordering::Relaxed);
         if self.in_flight.load(Ordering::Relaxed) == 0
@@ -224,14 +229,19 @@ impl Watched {
 
     /// Bytes went to the client.
     pub fn bytes_written(&self) {
-        self.last_activity
-            .store(self.dog.stamp(), Ordering::Relaxed);
+        if self.head_clock.load(Ordering::Relaxed) {
+            self.last_activity
+                .store(self.dog.stamp(), Ordering::Relaxed);
+        }
     }
 
-    /// An HTTP/2 request arrived. From now on bytes between requests are
-    /// control frames (PING, SETTINGS, WINDOW_UPDATE), not a slow head, so
-    /// they no longer start the head clock: the connection is bounded by
-    /// `idle_timeout` (and hyper's HTTP/2 limits) instead. Before its first
+    /// An HTTP/2 request arrived. From now on the bytes that move are
+    /// frames of any stream or of none (PING, SETTINGS, WINDOW_UPDATE), so
+    /// they neither start the head clock nor count as activity: the
+    /// connection is idle when no request has started or finished for
+    /// `idle_timeout` (what Envoy and Go call idle), and then gets a
+    /// graceful GOAWAY, which lets a response still streaming finish. A
+    /// client cannot keep an idle connection with PINGs. Before its first
     /// request an HTTP/2 connection's preface counts as a head, as nginx's
     /// `client_header_timeout` does.
     pub fn multiplexed(&self) {
@@ -244,11 +254,22 @@ impl Watched {
     fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
+        self.requests_are_activity();
     }
 
     /// Its response is made (or it was dropped).
     fn request_finished(&self) {
         self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.requests_are_activity();
+    }
+
+    /// On a multiplexed connection, requests starting and finishing are
+    /// its activity (bytes are not).
+    fn requests_are_activity(&self) {
+        if !self.head_clock.load(Ordering::Relaxed) {
+            self.last_activity
+                .store(self.dog.stamp(), Ordering::Relaxed);
+        }
     }
 
     /// Waits for signals ([`CLOSE`], [`SHUT_DOWN`], [`RELEASE`]) and takes
@@ -433,17 +454,20 @@ mod tests {
     }
 
     #[test]
-    fn frames_between_http2_requests_are_not_heads() {
+    fn frames_between_http2_requests_are_neither_heads_nor_activity() {
         let d = dog();
         at(&d, 1000);
         let w = d.watch();
         w.bytes_read(); // the preface: a head until the first request
         w.multiplexed();
-        drop(InFlight::start(w.clone()));
-        w.bytes_read(); // a PING
-        at(&d, 10_000);
-        assert_eq!(take(&w) & CLOSE, 0);
+        drop(InFlight::start(w.clone())); // finished at 1000
+        for t in (1100..=3100).step_by(100) {
+            at(&d, t);
+            w.bytes_read(); // a PING
+            w.bytes_written(); // its ACK
+        }
         assert_eq!(w.head_since.load(Ordering::Relaxed), 0);
+        assert_eq!(take(&w) & (CLOSE | SHUT_DOWN), SHUT_DOWN, "idle since 1000");
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct Seen {
     pub headers: Vec<(String, String)>,
     /// Number of request body bytes read (final once the body has ended).
     pub body_len: usize,
+    /// Trailer fields that ended the request body (names lowercase).
+    pub trailers: Vec<(String, String)>,
 }
 
 impl Seen {
@@ -222,6 +224,7 @@ async fn handle(mut req: Request<Incoming>, seen: SeenLog) -> Result<Response<Bo
                 })
                 .collect(),
             body_len: 0,
+            trailers: Vec::new(),
         });
         log.len() - 1
     };
@@ -234,9 +237,10 @@ async fn handle(mut req: Request<Incoming>, seen: SeenLog) -> Result<Response<Bo
         return Ok(echo(req, seen, idx));
     }
 
-    let body_len = read_body(req.into_body()).await;
+    let (body_len, trailers) = read_body(req.into_body()).await;
     if let Some(entry) = seen.lock().unwrap().get_mut(idx) {
         entry.body_len = body_len;
+        entry.trailers = trailers;
     }
 
     if let Some(code) = route.strip_prefix("/status/") {
@@ -275,15 +279,24 @@ fn with_trailers() -> Response<Body> {
     resp
 }
 
-/// Reads a body to its end, returning how many data bytes it had.
-async fn read_body(mut body: Incoming) -> usize {
+/// Reads a body to its end, returning how many data bytes it had and the
+/// trailer fields it ended with.
+async fn read_body(mut body: Incoming) -> (usize, Vec<(String, String)>) {
     let mut n = 0;
+    let mut trailers = Vec::new();
     while let Some(Ok(frame)) = body.frame().await {
         if let Some(data) = frame.data_ref() {
             n += data.len();
+        } else if let Some(t) = frame.trailers_ref() {
+            trailers.extend(t.iter().map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            }));
         }
     }
-    n
+    (n, trailers)
 }
 
 /// `/echo`: forwards request data frames into the response as they arrive,
