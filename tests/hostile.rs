@@ -573,8 +573,11 @@ async fn only_request_heads_are_held_to_header_read_timeout() {
         h2.is_closed(),
         "a pinging HTTP/2 connection outlived idle_timeout (3 s) by far"
     );
+    // Not the head clock (1 s). (Not asserted to the tick: a sweep that
+    // runs late on a loaded machine may cut an idle connection early by
+    // its lateness, as the README says.)
     assert!(
-        last_request.elapsed() >= Duration::from_secs(3),
+        last_request.elapsed() >= Duration::from_secs(2),
         "closed {:?} after its last request (idle_timeout 3 s)",
         last_request.elapsed()
     );
