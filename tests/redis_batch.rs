@@ -227,6 +227,50 @@ async fn runs_of_identical_decisions_decide_like_one_call_at_a_time() {
     );
 }
 
+/// Random sequences in which decisions often repeat the one before (runs
+/// of every length, cut short by either bucket, mixed with other tenants'
+/// and other shapes) decide batched exactly as one call at a time.
+#[tokio::test]
+async fn random_sequences_with_runs_decide_like_one_call_at_a_time() {
+    // Rates apart, so that when two buckets refuse, the longer wait (the
+    // one reported) is never a near tie that the microseconds between
+    // one-at-a-time calls could tip.
+    let tier = bucket("tenant", "1/m", 5, 1);
+    let shapes: [Vec<BucketSpec>; 4] = [
+        vec![tier.clone()],
+        vec![tier.clone(), bucket("export", "2/m", 2, 1)],
+        vec![bucket("tenant", "1/m", 5, 2)],
+        vec![bucket("ip", "3/m", 3, 1), tier],
+    ];
+    let tenants = [tenant("a"), tenant("b")];
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move |n: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % n
+    };
+    for round in 0..6 {
+        let mut decisions: Vec<(TenantId, Vec<BucketSpec>)> = Vec::new();
+        for _ in 0..40 {
+            let repeat = !decisions.is_empty() && next(10) < 6;
+            let d = if repeat {
+                decisions.last().cloned().unwrap()
+            } else {
+                let t = tenants[next(2) as usize].clone();
+                (t, shapes[next(4) as usize].clone())
+            };
+            decisions.push(d);
+        }
+        let (expected, got, _) = one_at_a_time_and_batched(&decisions).await;
+        assert_eq!(got, expected, "round {round}");
+        assert!(
+            expected.iter().any(|d| d.0) && expected.iter().any(|d| !d.0),
+            "round {round} admits some and refuses some: {expected:?}"
+        );
+    }
+}
+
 /// A bucket whose rate changes between decisions of one batch (a tier
 /// change landing mid-batch): the script re-expresses the stored state in
 /// the new rate, and every later decision of the batch must see that, just
