@@ -201,8 +201,9 @@ pub struct Watched {
     /// The deadline of the request on the connection's own upstream
     /// connection.
     pub upstream: Deadline,
-    /// Whether bytes between requests start the head clock: true until an
-    /// HTTP/2 request shows the connection is multiplexed.
+    /// Whether bytes count: between requests they start the head clock,
+    /// and any move is activity. True until an HTTP/2 request shows the
+    /// connection is multiplexed (see [`Watched::multiplexed`]).
     head_clock: AtomicBool,
     /// SHUT_DOWN was sent (idle or drain): once is enough.
     shut_down: AtomicBool,
@@ -221,7 +222,6 @@ impl Watched {
         self.last_activity.store(now, Ordering::Relaxed);
         if self.in_flight.load(Ordering::Relaxed) == 0
             && self.head_since.load(Ordering::Relaxed) == 0
-            && self.head_clock.load(Ordering::Relaxed)
         {
             self.head_since.store(now + 1, Ordering::Relaxed);
         }
