@@ -243,13 +243,13 @@ impl Upstream {
     }
 
     /// Forwards `req` (headers prepared by the caller, hop-by-hop ones
-    /// already removed: see `stack::set_forwarding_headers`) and returns the upstream's response head with a
-    /// streaming body. `body_tripped` is the flag of the request's
-    /// [`LimitedBody`]. With `affinity` (the client connection's slot and
-    /// its watch) the request goes over the client connection's own
-    /// upstream connection when it is free, under the watchdog's coarse
-    /// deadline; otherwise over the worker's shared pool, under a Tokio
-    /// timeout.
+    /// already removed: see `stack::set_forwarding_headers`) and returns
+    /// the upstream's response head with a streaming body. `body_tripped`
+    /// is the flag of the request's [`LimitedBody`]. With `affinity` (the
+    /// client connection's slot and its watch) the request goes over the
+    /// client connection's own upstream connection when it is free, under
+    /// the watchdog's coarse deadline; otherwise over the worker's shared
+    /// pool, under a Tokio timeout.
     pub async fn forward(
         &self,
         mut req: Request<UpstreamBody>,

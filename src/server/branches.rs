@@ -149,12 +149,11 @@ mod tests {
         let mut cx = Context::from_waker(&task);
         let mut polled = [0; 2];
         // First poll: both once; branch 1 then wakes branch 0 (a hand-off).
-        let r: Poll<()> = b.poll(&mut cx, |i, bcx| {
+        let r: Poll<()> = b.poll(&mut cx, |i, _| {
             polled[i] += 1;
             if i == 1 && polled[1] == 1 {
                 b.wakers[0].wake_by_ref();
             }
-            let _ = bcx;
             Poll::Pending
         });
         assert!(r.is_pending());
