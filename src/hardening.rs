@@ -61,7 +61,8 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// through, and records that it did so the proxy can answer 413 instead of
 /// 502. It ends at the client's trailer fields, which are not forwarded.
 pub struct LimitedBody<B> {
-    inner: B,
+    /// `None`: an empty body (see [`LimitedBody::empty`]).
+    inner: Option<B>,
     remaining: u64,
     tripped: Arc<AtomicBool>,
     /// Keeps the request in flight for the watchdog until the body ends.
@@ -77,9 +78,20 @@ impl<B> LimitedBody<B> {
     /// Wraps `inner`; `tripped` is set when the limit is exceeded.
     pub fn new(inner: B, limit: u64, tripped: Arc<AtomicBool>) -> Self {
         LimitedBody {
-            inner,
+            inner: Some(inner),
             remaining: limit,
             tripped,
+            in_flight: None,
+        }
+    }
+
+    /// A body with nothing in it, for a request sent again (see
+    /// `proxy::Upstream::forward`).
+    pub fn empty() -> Self {
+        LimitedBody {
+            inner: None,
+            remaining: 0,
+            tripped: Arc::default(),
             in_flight: None,
         }
     }
@@ -105,7 +117,10 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_trailers() {
                     // A client's trailer fields are not forwarded (see
@@ -137,11 +152,13 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |b| b.size_hint())
     }
 }
 

@@ -277,7 +277,7 @@ impl Upstream {
         *req.version_mut() = Version::HTTP_11;
 
         let claimed = match affinity {
-            Some((a, w)) if !upgrade => match a.claim() {
+            Some((a, w)) if !upgrade => match a.claim(w.clock()) {
                 Claim::Busy => None,
                 claim => Some((claim, w)),
             },
@@ -326,25 +326,34 @@ impl Upstream {
         claim: Claim<'_>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let (mut lease, sender) = match claim {
-            Claim::Open(lease, sender) => (lease, Some(sender)),
-            Claim::Empty(lease) => (lease, None),
+        let (mut lease, sender, cold) = match claim {
+            Claim::Open(lease, sender, cold) => (lease, Some(sender), cold),
+            Claim::Empty(lease) => (lease, None, false),
             Claim::Busy => unreachable!("busy slots take the pooled path"),
         };
         if let Some(mut sender) = sender
             // The previous response may still be finishing.
             && sender.ready().await.is_ok()
         {
+            // Only a connection idle since before the last sweep can have
+            // been closed by an upstream's keep-alive timer (see
+            // `replayable`); a busy one costs no copy.
+            let again = if cold { replayable(&req) } else { None };
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     lease.put_back(sender);
                     return Ok(resp);
                 }
-                Err(mut e) => match e.take_message() {
+                Err(mut e) => match (e.take_message(), again) {
                     // Never written: the upstream closed the idle
                     // connection as we reused it. Retry on a new one.
-                    Some(r) => req = r,
-                    None => return Err(UpstreamError::Unreachable(error_chain(e.error()))),
+                    (Some(r), _) => req = r,
+                    // Written, but the upstream closed the connection
+                    // without answering: its keep-alive timer fired as the
+                    // request arrived. Sent once more on a new connection
+                    // when that is safe, as nginx does.
+                    (None, Some(r)) if closed_unanswered(e.error()) => req = r,
+                    (None, _) => return Err(UpstreamError::Unreachable(error_chain(e.error()))),
                 },
             }
         }
@@ -420,6 +429,53 @@ impl Upstream {
 
 /// TCP keep-alive probes on upstream connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// A copy of `req` to send again if the reused connection it goes out on
+/// turns out to have been closed by the upstream: only for a request
+/// without a body whose method is idempotent (RFC 9110 §9.2.2), which may
+/// be repeated safely; nginx retries the same ones. The copy is the head
+/// alone (header values are shared, not copied), and it is made only for
+/// a connection no request has used since before the watchdog's last
+/// sweep: an upstream closes a connection for idleness after seconds, and
+/// a copy of every request's head measured +5.8% instructions per proxied
+/// request (callgrind).
+fn replayable(req: &Request<UpstreamBody>) -> Option<Request<UpstreamBody>> {
+    use http::Method;
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent || !hyper::body::Body::is_end_stream(req.body()) {
+        return None;
+    }
+    let mut again = Request::new(UpstreamBody::empty());
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.version_mut() = req.version();
+    *again.headers_mut() = req.headers().clone();
+    Some(again)
+}
+
+/// Whether a failed exchange means the upstream closed the connection
+/// before any of its answer arrived: end of stream before a response head,
+/// or the connection reset or broken under the request.
+fn closed_unanswered(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind;
+    if e.is_incomplete_message() {
+        return true;
+    }
+    let mut cur = std::error::Error::source(e);
+    while let Some(inner) = cur {
+        if let Some(io) = inner.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            );
+        }
+        cur = inner.source();
+    }
+    false
+}
 
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();

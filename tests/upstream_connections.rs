@@ -10,9 +10,13 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{CountingUpstream, Tiergate, Upstream, poll_until};
+use common::{Behaviour, CountingUpstream, Tiergate, Upstream, poll_until};
 
 fn config(upstream: &str, server_extra: &str) -> String {
+    config_with(upstream, server_extra, "")
+}
+
+fn config_with(upstream: &str, server_extra: &str, upstream_extra: &str) -> String {
     format!(
         r#"
 server:
@@ -22,6 +26,7 @@ admin:
   listen: "127.0.0.1:0"
 upstream:
   url: "{upstream}"
+{upstream_extra}
 tiers:
   free: {{ rate: 1/m, burst: 1000000 }}
 default_tier: free
@@ -49,7 +54,20 @@ impl KeepAlive {
 
     /// Sends one GET and returns the response status.
     fn get(&mut self, path: &str) -> u16 {
-        let req = format!("GET {path} HTTP/1.1\r\nhost: t\r\nx-tenant-id: acme\r\n\r\n");
+        self.send("GET", path, "")
+    }
+
+    /// Sends one request (with `body`, if not empty) and returns the
+    /// response status.
+    fn send(&mut self, method: &str, path: &str, body: &str) -> u16 {
+        let length = if body.is_empty() {
+            String::new()
+        } else {
+            format!("content-length: {}\r\n", body.len())
+        };
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: t\r\nx-tenant-id: acme\r\n{length}\r\n{body}"
+        );
         self.stream
             .write_all(req.as_bytes())
             .expect("write request");
@@ -108,6 +126,72 @@ fn an_upstream_that_closes_after_every_response_gets_a_new_connection_each_time(
     }
     assert_eq!(up.requests(), 30);
     assert_eq!(up.accepted(), 30, "one upstream connection per response");
+}
+
+/// Settings for the tests of an upstream that closes a connection as a
+/// request arrives: the watchdog sweeps every `upstream.timeout` / 8 =
+/// 250 ms, and a quiet client connection keeps its upstream connection for
+/// `header_read_timeout` / 4 = 2.5 s, so after a pause of 1 s the next
+/// request reuses a connection idle since before the last sweep.
+const PAUSE: Duration = Duration::from_secs(1);
+
+fn racing_config(up: &CountingUpstream) -> String {
+    config_with(&up.url(), "", "  timeout: 2s")
+}
+
+/// The upstream's keep-alive timer closes the connection just as tiergate
+/// reuses it, after the request was written: a GET goes again, once, on a
+/// new connection, and the client never sees the race (nginx does the same).
+#[test]
+fn a_get_lost_to_an_upstream_closing_its_idle_connection_is_sent_again() {
+    let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
+    let tg = Tiergate::start(&racing_config(&up));
+    let mut c = KeepAlive::connect(tg.proxy_addr());
+    assert_eq!(c.get("/first"), 200);
+    std::thread::sleep(PAUSE);
+    assert_eq!(c.get("/second"), 200, "the dropped GET was not sent again");
+    assert_eq!(
+        up.dropped(),
+        1,
+        "the upstream read the GET on the old connection"
+    );
+    assert_eq!(up.accepted(), 2, "sent again on a new connection");
+    assert_eq!(up.requests(), 2);
+}
+
+/// A request with a body, or with a method that is not idempotent, may
+/// have had its effect: it is not repeated, the client gets the 502.
+#[test]
+fn a_post_lost_the_same_way_is_not_sent_again() {
+    let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
+    let tg = Tiergate::start(&racing_config(&up));
+    let mut c = KeepAlive::connect(tg.proxy_addr());
+    assert_eq!(c.get("/first"), 200);
+    std::thread::sleep(PAUSE);
+    // A POST, even without a body: not idempotent.
+    assert_eq!(c.send("POST", "/order", ""), 502);
+    assert_eq!(up.dropped(), 1);
+    assert_eq!(up.accepted(), 1, "no second connection for the POST");
+    // A PUT is idempotent, but its body has been consumed: not repeated.
+    assert_eq!(c.get("/again"), 200);
+    std::thread::sleep(PAUSE);
+    assert_eq!(c.send("PUT", "/item", "x"), 502);
+    assert_eq!(up.dropped(), 2);
+    assert_eq!(up.accepted(), 2);
+}
+
+/// One more try, not a loop: when the new connection fails too, the
+/// client gets the 502.
+#[test]
+fn a_get_is_sent_again_only_once() {
+    let up = CountingUpstream::with(Behaviour::DropAllButFirst);
+    let tg = Tiergate::start(&racing_config(&up));
+    let mut c = KeepAlive::connect(tg.proxy_addr());
+    assert_eq!(c.get("/first"), 200);
+    std::thread::sleep(PAUSE);
+    assert_eq!(c.get("/second"), 502);
+    assert_eq!(up.dropped(), 2, "the GET and its one repeat");
+    assert_eq!(up.accepted(), 2);
 }
 
 #[test]

@@ -77,12 +77,17 @@ struct Slot {
     waker: Option<Waker>,
     /// A request holds the slot.
     busy: bool,
+    /// The watchdog's clock (its last sweep) when a request last claimed
+    /// the slot.
+    claimed_at: u64,
 }
 
 /// What a request found in the slot.
 pub(super) enum Claim<'a> {
-    /// An open connection, now held by this request.
-    Open(Lease<'a>, Sender),
+    /// An open connection, now held by this request; `cold` when no
+    /// request has claimed it since before the watchdog's last sweep, so it
+    /// may have sat idle long enough for the upstream to close it.
+    Open(Lease<'a>, Sender, bool),
     /// No connection: this request holds the slot and must make one.
     Empty(Lease<'a>),
     /// The slot cannot be used: another request (an HTTP/2 stream) holds
@@ -148,8 +153,8 @@ impl Affinity {
         }
     }
 
-    /// Claims the slot for one request.
-    pub(super) fn claim(&self) -> Claim<'_> {
+    /// Claims the slot for one request; `now` is the watchdog's clock.
+    pub(super) fn claim(&self, now: u64) -> Claim<'_> {
         let mut s = self.lock();
         if s.busy {
             return Claim::Busy;
@@ -181,12 +186,13 @@ impl Affinity {
             return Claim::Busy;
         }
         s.busy = true;
+        let cold = std::mem::replace(&mut s.claimed_at, now) != now;
         let lease = Lease {
             affinity: self,
             returned: false,
         };
         match s.sender.take() {
-            Some(sender) if open => Claim::Open(lease, sender),
+            Some(sender) if open => Claim::Open(lease, sender, cold),
             _ => {
                 s.close(&self.held);
                 Claim::Empty(lease)

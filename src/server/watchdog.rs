@@ -286,6 +286,11 @@ impl Watched {
         drop(self.upstream.waker.take());
     }
 
+    /// The watchdog's clock as of its last sweep (ms): cheap, coarse.
+    pub fn clock(&self) -> u64 {
+        self.dog.stamp()
+    }
+
     /// The watchdog's clock read now (ms), for [`Deadline::arm`].
     fn now(&self) -> u64 {
         ms(self.dog.start.elapsed())

@@ -1,7 +1,7 @@
 //! A minimal raw HTTP/1.1 origin that counts its TCP connections, for tests
-//! of how tiergate holds upstream connections. Every request (a head with
-//! no body) gets `200 ok`; with `close_after_response` every response says
-//! `connection: close` and the connection is shut down right after it.
+//! of how tiergate holds upstream connections. A request (a head, and the
+//! body its `content-length` declares) gets `200 ok`, or, as its
+//! [`Behaviour`] says, `connection: close` or no answer at all.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -9,12 +9,29 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
+/// How the origin treats the requests it reads.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Behaviour {
+    /// Answers every request and keeps the connection open.
+    KeepAlive,
+    /// Answers with `connection: close` and shuts the connection down.
+    CloseAfterResponse,
+    /// Answers the first request of each connection; closes the connection
+    /// without a word when a second one arrives on it: an origin whose
+    /// keep-alive timer fired just as tiergate reused the connection.
+    DropSecondOnConnection,
+    /// Answers the first request it ever reads; every later one is read
+    /// and its connection closed without an answer.
+    DropAllButFirst,
+}
+
 /// Connection counters shared with the server threads.
 #[derive(Default)]
 struct Counters {
     accepted: AtomicUsize,
     open: AtomicUsize,
     requests: AtomicUsize,
+    dropped: AtomicUsize,
 }
 
 /// The counting origin; stops accepting on drop.
@@ -25,8 +42,18 @@ pub struct CountingUpstream {
 }
 
 impl CountingUpstream {
-    /// Starts on `127.0.0.1:<random>`.
+    /// Starts on `127.0.0.1:<random>`; with `close_after_response`,
+    /// [`Behaviour::CloseAfterResponse`], else [`Behaviour::KeepAlive`].
     pub fn start(close_after_response: bool) -> CountingUpstream {
+        CountingUpstream::with(if close_after_response {
+            Behaviour::CloseAfterResponse
+        } else {
+            Behaviour::KeepAlive
+        })
+    }
+
+    /// Starts on `127.0.0.1:<random>`, behaving as `behaviour` says.
+    pub fn with(behaviour: Behaviour) -> CountingUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind counting upstream");
         listener.set_nonblocking(true).expect("nonblocking");
         let addr = listener.local_addr().expect("local addr");
@@ -41,7 +68,7 @@ impl CountingUpstream {
                         c.open.fetch_add(1, Ordering::SeqCst);
                         let c = c.clone();
                         std::thread::spawn(move || {
-                            serve(stream, close_after_response, &c);
+                            serve(stream, behaviour, &c);
                             c.open.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
@@ -75,6 +102,11 @@ impl CountingUpstream {
     pub fn requests(&self) -> usize {
         self.counters.requests.load(Ordering::SeqCst)
     }
+
+    /// Requests read whole and left unanswered, their connection closed.
+    pub fn dropped(&self) -> usize {
+        self.counters.dropped.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for CountingUpstream {
@@ -83,13 +115,30 @@ impl Drop for CountingUpstream {
     }
 }
 
-fn serve(mut stream: TcpStream, close_after_response: bool, c: &Counters) {
+fn serve(mut stream: TcpStream, behaviour: Behaviour, c: &Counters) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let close_after_response = behaviour == Behaviour::CloseAfterResponse;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
+    let mut on_this_connection = 0;
     loop {
         while let Some(end) = find_head_end(&buf) {
-            buf.drain(..end);
+            let len = content_length(&buf[..end]);
+            if buf.len() < end + len {
+                break;
+            }
+            buf.drain(..end + len);
+            on_this_connection += 1;
+            let drop_it = match behaviour {
+                Behaviour::DropSecondOnConnection => on_this_connection > 1,
+                Behaviour::DropAllButFirst => c.requests.load(Ordering::SeqCst) > 0,
+                _ => false,
+            };
+            if drop_it {
+                c.dropped.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+                return;
+            }
             c.requests.fetch_add(1, Ordering::SeqCst);
             let resp: &[u8] = if close_after_response {
                 b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
@@ -109,6 +158,18 @@ fn serve(mut stream: TcpStream, close_after_response: bool, c: &Counters) {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     }
+}
+
+/// The `content-length` of a request head (0 when absent).
+fn content_length(head: &[u8]) -> usize {
+    String::from_utf8_lossy(head)
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
 }
 
 fn find_head_end(buf: &[u8]) -> Option<usize> {

@@ -16,7 +16,7 @@ mod cluster;
 pub use cluster::*;
 /// An origin that counts its TCP connections.
 mod counting_upstream;
-pub use counting_upstream::CountingUpstream;
+pub use counting_upstream::{Behaviour, CountingUpstream};
 /// The fault-injecting TCP proxy.
 mod fault;
 /// HTTP client helpers.
