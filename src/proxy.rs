@@ -211,7 +211,7 @@ impl Upstream {
         connector.set_nodelay(true);
         connector.set_keepalive(Some(TCP_KEEPALIVE));
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_idle_timeout(POOL_IDLE)
             .pool_max_idle_per_host(1024)
             .build(connector);
         let scheme = cfg.url.scheme().cloned().unwrap_or(Scheme::HTTP);
@@ -429,6 +429,13 @@ impl Upstream {
 
 /// TCP keep-alive probes on upstream connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// The shared pool does not hand out a connection idle for longer than
+/// this (checked at checkout). Upstreams close idle keep-alive connections
+/// after seconds (gunicorn 2 s, Node and Apache 5 s), and a connection
+/// reused just as that timer fires loses the request (502); under a second
+/// of idleness it cannot have fired. A busy pool keeps its connections.
+const POOL_IDLE: Duration = Duration::from_secs(1);
 
 /// A copy of `req` to send again if the reused connection it goes out on
 /// turns out to have been closed by the upstream: only for a request

@@ -194,6 +194,98 @@ fn a_get_is_sent_again_only_once() {
     assert_eq!(up.accepted(), 2);
 }
 
+/// The shared pool does not reuse a connection that has been idle for over
+/// a second, so an upstream's keep-alive timer cannot close one under a
+/// request. Here the pool carries an HTTP/2 stream sent while another
+/// stream (a POST whose body is still coming) holds the client
+/// connection's own upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_pool_does_not_reuse_a_connection_idle_for_over_a_second() {
+    use std::convert::Infallible;
+
+    use bytes::Bytes;
+    use http_body_util::StreamBody;
+    use hyper::body::Frame;
+    use tokio::sync::mpsc;
+
+    type Frames = std::pin::Pin<
+        Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>,
+    >;
+    let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
+    let tg = Tiergate::start(&racing_config(&up));
+    let sender = h2c_connect::<StreamBody<Frames>>(tg.proxy_addr()).await;
+    let pooled_get = |path: &'static str| {
+        let mut s = sender.clone();
+        async move {
+            let (_tx, rx) = mpsc::channel::<Bytes>(1);
+            drop(_tx);
+            let frames: Frames = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+            }));
+            let req = hyper::Request::builder()
+                .uri(format!("http://t{path}"))
+                .header("x-tenant-id", "acme")
+                .body(StreamBody::new(frames))
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), s.send_request(req))
+                .await
+                .expect("answered in time")
+                .expect("stream")
+                .status()
+                .as_u16()
+        }
+    };
+    // A POST of 10 bytes of which 5 are sent: it holds the client
+    // connection's own upstream connection until the rest comes.
+    let holding = |path: &'static str| {
+        let mut s = sender.clone();
+        let (tx, rx) = mpsc::channel::<Bytes>(4);
+        let frames: Frames = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
+        }));
+        let req = hyper::Request::builder()
+            .method("POST")
+            .uri(format!("http://t{path}"))
+            .header("x-tenant-id", "acme")
+            .header("content-length", "10")
+            .body(StreamBody::new(frames))
+            .unwrap();
+        let answer = tokio::spawn(async move { s.send_request(req).await.map(|r| r.status()) });
+        (tx, answer)
+    };
+
+    let (a_tx, a) = holding("/a");
+    a_tx.send(Bytes::from_static(b"hello")).await.unwrap();
+    assert!(
+        poll_until(Duration::from_secs(5), || up.heads() == 1),
+        "stream A reached the upstream"
+    );
+    assert_eq!(pooled_get("/b").await, 200, "stream B, through the pool");
+    assert_eq!(up.accepted(), 2, "one connection each");
+    a_tx.send(Bytes::from_static(b"world")).await.unwrap();
+    assert_eq!(a.await.unwrap().expect("stream A").as_u16(), 200);
+
+    // Both upstream connections sit idle past a second.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (c_tx, _c) = holding("/c");
+    c_tx.send(Bytes::from_static(b"hello")).await.unwrap();
+    assert!(
+        poll_until(Duration::from_secs(5), || up.heads() == 3),
+        "stream C reached the upstream"
+    );
+    let d = pooled_get("/d").await;
+    assert_eq!(
+        d,
+        200,
+        "the pool reused a connection idle for 1.5 s; dropped {} accepted {}; logs: {:?}",
+        up.dropped(),
+        up.accepted(),
+        tg.logs()
+    );
+    assert_eq!(up.dropped(), 0);
+    assert_eq!(up.accepted(), 3, "a new pooled connection");
+}
+
 #[test]
 fn closing_the_client_connection_closes_its_upstream_connection() {
     let up = CountingUpstream::start(false);

@@ -32,6 +32,7 @@ struct Counters {
     open: AtomicUsize,
     requests: AtomicUsize,
     dropped: AtomicUsize,
+    heads: AtomicUsize,
 }
 
 /// The counting origin; stops accepting on drop.
@@ -103,6 +104,12 @@ impl CountingUpstream {
         self.counters.requests.load(Ordering::SeqCst)
     }
 
+    /// Request heads read so far (a request whose body is still coming
+    /// counts).
+    pub fn heads(&self) -> usize {
+        self.counters.heads.load(Ordering::SeqCst)
+    }
+
     /// Requests read whole and left unanswered, their connection closed.
     pub fn dropped(&self) -> usize {
         self.counters.dropped.load(Ordering::SeqCst)
@@ -121,13 +128,19 @@ fn serve(mut stream: TcpStream, behaviour: Behaviour, c: &Counters) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let mut on_this_connection = 0;
+    let mut head_counted = false;
     loop {
         while let Some(end) = find_head_end(&buf) {
+            if !head_counted {
+                c.heads.fetch_add(1, Ordering::SeqCst);
+                head_counted = true;
+            }
             let len = content_length(&buf[..end]);
             if buf.len() < end + len {
                 break;
             }
             buf.drain(..end + len);
+            head_counted = false;
             on_this_connection += 1;
             let drop_it = match behaviour {
                 Behaviour::DropSecondOnConnection => on_this_connection > 1,
