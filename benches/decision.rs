@@ -7,7 +7,10 @@
 //!   tenants (always on the admitted path: the rate is huge);
 //! * `redis` — `RedisLimiter::check` against a `redis-server` this bench
 //!   spawns on a free loopback port (skipped with a note when it is not
-//!   installed), sequentially and 64 decisions in flight per iteration.
+//!   installed): sequentially, 64 decisions of 64 tenants in flight per
+//!   iteration, and 64 of one tenant;
+//! * `redis_cluster` — the same against a Redis Cluster you started, when
+//!   `DECISION_REDIS_CLUSTER` lists its nodes (`redis://127.0.0.1:7000,...`).
 //!
 //! Every group reports throughput in decisions (`Throughput::Elements`).
 //!
@@ -15,6 +18,8 @@
 //! cargo bench --bench decision                 # full run
 //! cargo bench --bench decision -- --quick      # a few minutes at most
 //! cargo bench --bench decision -- memory       # one group
+//! DECISION_REDIS_CLUSTER=redis://127.0.0.1:7000,redis://127.0.0.1:7001 \
+//!   cargo bench --bench decision -- redis_cluster
 //! ```
 
 #[path = "e2e/procs.rs"]
@@ -258,7 +263,29 @@ fn redis(c: &mut Criterion) {
         "backend:\n  type: redis\n  redis:\n    url: \"{}\"\n    timeout: 2s\n",
         server.url()
     );
-    let cfg = config(&backend);
+    redis_group(c, "redis", &backend);
+    drop(server);
+}
+
+fn redis_cluster(c: &mut Criterion) {
+    let Ok(nodes) = std::env::var("DECISION_REDIS_CLUSTER") else {
+        return;
+    };
+    let list: Vec<String> = nodes
+        .split(',')
+        .map(|n| format!("\"{}\"", n.trim()))
+        .collect();
+    let backend = format!(
+        "backend:\n  type: redis\n  redis:\n    cluster: [{}]\n    timeout: 2s\n",
+        list.join(", ")
+    );
+    redis_group(c, "redis_cluster", &backend);
+}
+
+/// Decisions of `backend` (a redis one): one at a time, 64 tenants' at
+/// once, and 64 of one tenant at once.
+fn redis_group(c: &mut Criterion, name: &str, backend: &str) {
+    let cfg = config(backend);
     let BackendKind::Redis(rcfg) = &cfg.backend.kind else {
         unreachable!("redis backend configured")
     };
@@ -290,11 +317,13 @@ fn redis(c: &mut Criterion) {
                 break;
             }
             Err(e) if Instant::now() > deadline => panic!("redis never answered: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            // Sleeping on the runtime lets a Cluster client, which
+            // connects in a task of its own, get on.
+            Err(_) => rt.block_on(async { tokio::time::sleep(Duration::from_millis(50)).await }),
         }
     }
 
-    let mut g = c.benchmark_group("redis");
+    let mut g = c.benchmark_group(name);
     g.throughput(Throughput::Elements(1));
     g.bench_function("sequential", |b| {
         b.to_async(&rt).iter(|| async {
@@ -315,13 +344,20 @@ fn redis(c: &mut Criterion) {
             }
         })
     });
+    g.bench_function("concurrent_64_one_tenant", |b| {
+        b.to_async(&rt).iter(|| async {
+            let calls = (0..CONCURRENCY).map(|_| limiter.check(&acme.tenant, &one, 0));
+            for d in futures_util::future::join_all(calls).await {
+                black_box(d.expect("redis decision"));
+            }
+        })
+    });
     g.finish();
     drop(limiter);
     drop(rt);
-    drop(server);
 }
 
-criterion_group!(benches, identity, policy, memory, redis);
+criterion_group!(benches, identity, policy, memory, redis, redis_cluster);
 
 fn main() {
     procs::install_signal_handler();

@@ -31,10 +31,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
 use super::super::LimiterError;
+use super::{Conn, RedisConn};
 
 /// Check-and-debit over a sequence of decisions.
 ///
@@ -315,19 +316,19 @@ struct Queue {
 }
 
 struct Shared {
-    conn: ConnectionManager,
+    conn: RedisConn,
     script: redis::Script,
     timeout: Duration,
     queue: Mutex<Queue>,
 }
 
-/// Coalesces one worker's concurrent decisions into script calls over a
-/// single server's connection (see the module docs).
+/// Coalesces one worker's concurrent decisions into script calls (see the
+/// module docs).
 pub(super) struct Batcher(Arc<Shared>);
 
 impl Batcher {
     /// A batcher over `conn`; spawns nothing until the first decision.
-    pub fn new(conn: ConnectionManager, timeout: Duration) -> Batcher {
+    pub fn new(conn: RedisConn, timeout: Duration) -> Batcher {
         Batcher(Arc::new(Shared {
             conn,
             script: redis::Script::new(SCRIPT),
@@ -398,22 +399,75 @@ async fn flush(mut slot: InFlight) {
             q.pending.drain(..take).collect()
         };
         let reqs: Vec<&Request> = batch.iter().map(|p| &p.req).collect();
-        let mut conn = shared.conn.clone();
-        let result = call(&mut conn, &shared.script, shared.timeout, &reqs).await;
+        let verdicts = match shared.conn.get() {
+            None => vec![Err(LimiterError::Unavailable("not connected".into())); reqs.len()],
+            Some(Conn::Single(mut c)) => {
+                match call(&mut c, &shared.script, shared.timeout, &reqs).await {
+                    Ok(v) => v.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(e); reqs.len()],
+                }
+            }
+            Some(Conn::Cluster(c)) => by_tenant(&c, &shared, &reqs).await,
+        };
         drop(reqs);
+        for (p, v) in batch.into_iter().zip(verdicts) {
+            let _ = p.reply.send(v);
+        }
+    }
+}
+
+/// A batch on a Cluster: one script call per tenant, all at once. A
+/// script call's keys must share a slot, and a tenant's do (its id is their
+/// hash tag); different tenants' keys are disjoint, so splitting the batch
+/// by tenant and keeping each tenant's order decides every decision as one
+/// call at a time would. A node that fails fails only its tenants'
+/// decisions.
+async fn by_tenant(
+    conn: &redis::cluster_async::ClusterConnection,
+    shared: &Shared,
+    reqs: &[&Request],
+) -> Vec<Result<Verdict, LimiterError>> {
+    // Tenants in order of first appearance, each with its decisions' places.
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        let t = tag(&r.keys[0]);
+        match groups.iter_mut().find(|(g, _)| *g == t) {
+            Some((_, places)) => places.push(i),
+            None => groups.push((t, vec![i])),
+        }
+    }
+    let calls = groups.iter().map(|(_, places)| {
+        let mut conn = conn.clone();
+        let group: Vec<&Request> = places.iter().map(|&i| reqs[i]).collect();
+        async move { call(&mut conn, &shared.script, shared.timeout, &group).await }
+    });
+    let results = join_all(calls).await;
+    let mut out: Vec<Option<Result<Verdict, LimiterError>>> = vec![None; reqs.len()];
+    for ((_, places), result) in groups.iter().zip(results) {
         match result {
             Ok(verdicts) => {
-                for (p, v) in batch.into_iter().zip(verdicts) {
-                    let _ = p.reply.send(Ok(v));
+                for (&i, v) in places.iter().zip(verdicts) {
+                    out[i] = Some(Ok(v));
                 }
             }
             Err(e) => {
-                for p in batch {
-                    let _ = p.reply.send(Err(e.clone()));
+                for &i in places {
+                    out[i] = Some(Err(e.clone()));
                 }
             }
         }
     }
+    out.into_iter()
+        .map(|v| v.unwrap_or_else(|| Err(LimiterError::Redis("missing verdict".into()))))
+        .collect()
+}
+
+/// The hash tag of a bucket key, `{prefix}:{<tenant>}:<bucket>`: its
+/// tenant (neither the prefix nor a tenant id may contain braces).
+fn tag(key: &str) -> &str {
+    let open = key.find('{').map_or(0, |i| i + 1);
+    let close = key[open..].find('}').map_or(key.len(), |i| open + i);
+    &key[open..close]
 }
 
 #[cfg(test)]
