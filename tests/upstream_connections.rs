@@ -57,6 +57,30 @@ impl KeepAlive {
         self.send("GET", path, "")
     }
 
+    /// Sends one HEAD and returns the response status (a HEAD response
+    /// has no body, whatever its `content-length`).
+    fn head(&mut self, path: &str) -> u16 {
+        let req = format!("HEAD {path} HTTP/1.1\r\nhost: t\r\nx-tenant-id: acme\r\n\r\n");
+        self.stream
+            .write_all(req.as_bytes())
+            .expect("write request");
+        let mut chunk = [0u8; 4096];
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+                self.buf.drain(..end + 4);
+                return head
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+            }
+            let n = self.stream.read(&mut chunk).expect("read response");
+            assert!(n > 0, "tiergate closed the client connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
     /// Sends one request (with `body`, if not empty) and returns the
     /// response status.
     fn send(&mut self, method: &str, path: &str, body: &str) -> u16 {
@@ -157,6 +181,25 @@ fn a_get_lost_to_an_upstream_closing_its_idle_connection_is_sent_again() {
     );
     assert_eq!(up.accepted(), 2, "sent again on a new connection");
     assert_eq!(up.requests(), 2);
+}
+
+/// The same race when the upstream resets the connection instead of
+/// closing it; and a HEAD and a DELETE go again too.
+#[test]
+fn a_request_lost_to_a_reset_is_sent_again() {
+    let up = CountingUpstream::with(Behaviour::ResetSecondOnConnection);
+    let tg = Tiergate::start(&racing_config(&up));
+    let mut c = KeepAlive::connect(tg.proxy_addr());
+    assert_eq!(c.get("/first"), 200);
+    std::thread::sleep(PAUSE);
+    assert_eq!(c.get("/second"), 200, "the reset GET was not sent again");
+    assert_eq!((up.dropped(), up.accepted()), (1, 2));
+    std::thread::sleep(PAUSE);
+    assert_eq!(c.send("DELETE", "/item/1", ""), 200);
+    assert_eq!((up.dropped(), up.accepted()), (2, 3));
+    std::thread::sleep(PAUSE);
+    assert_eq!(c.head("/item/2"), 200);
+    assert_eq!((up.dropped(), up.accepted()), (3, 4));
 }
 
 /// A request with a body, or with a method that is not idempotent, may

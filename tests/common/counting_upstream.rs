@@ -20,6 +20,9 @@ pub enum Behaviour {
     /// without a word when a second one arrives on it: an origin whose
     /// keep-alive timer fired just as tiergate reused the connection.
     DropSecondOnConnection,
+    /// The same, but the connection is reset (`SO_LINGER` 0) instead of
+    /// closed.
+    ResetSecondOnConnection,
     /// Answers the first request it ever reads; every later one is read
     /// and its connection closed without an answer.
     DropAllButFirst,
@@ -143,13 +146,20 @@ fn serve(mut stream: TcpStream, behaviour: Behaviour, c: &Counters) {
             head_counted = false;
             on_this_connection += 1;
             let drop_it = match behaviour {
-                Behaviour::DropSecondOnConnection => on_this_connection > 1,
+                Behaviour::DropSecondOnConnection | Behaviour::ResetSecondOnConnection => {
+                    on_this_connection > 1
+                }
                 Behaviour::DropAllButFirst => c.requests.load(Ordering::SeqCst) > 0,
                 _ => false,
             };
             if drop_it {
                 c.dropped.fetch_add(1, Ordering::SeqCst);
-                let _ = stream.shutdown(std::net::Shutdown::Both);
+                if behaviour == Behaviour::ResetSecondOnConnection {
+                    // Closing with a zero linger sends RST, not FIN.
+                    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+                } else {
+                    let _ = stream.shutdown(std::net::Shutdown::Both);
+                }
                 return;
             }
             c.requests.fetch_add(1, Ordering::SeqCst);

@@ -398,20 +398,34 @@ async fn flush(mut slot: InFlight) {
             let take = q.pending.len().min(MAX_BATCH);
             q.pending.drain(..take).collect()
         };
-        let reqs: Vec<&Request> = batch.iter().map(|p| &p.req).collect();
-        let verdicts = match shared.conn.get() {
-            None => vec![Err(LimiterError::Unavailable("not connected".into())); reqs.len()],
+        match shared.conn.get() {
+            None => answer(
+                batch,
+                Err(LimiterError::Unavailable("not connected".into())),
+            ),
             Some(Conn::Single(mut c)) => {
-                match call(&mut c, &shared.script, shared.timeout, &reqs).await {
-                    Ok(v) => v.into_iter().map(Ok).collect(),
-                    Err(e) => vec![Err(e); reqs.len()],
-                }
+                let reqs: Vec<&Request> = batch.iter().map(|p| &p.req).collect();
+                let result = call(&mut c, &shared.script, shared.timeout, &reqs).await;
+                drop(reqs);
+                answer(batch, result);
             }
-            Some(Conn::Cluster(c)) => by_tenant(&c, &shared, &reqs).await,
-        };
-        drop(reqs);
-        for (p, v) in batch.into_iter().zip(verdicts) {
-            let _ = p.reply.send(v);
+            Some(Conn::Cluster(c)) => by_tenant(&c, &shared, batch).await,
+        }
+    }
+}
+
+/// Sends each decision of `batch` its verdict, or all of them the error.
+fn answer(batch: Vec<Pending>, result: Result<Vec<Verdict>, LimiterError>) {
+    match result {
+        Ok(verdicts) => {
+            for (p, v) in batch.into_iter().zip(verdicts) {
+                let _ = p.reply.send(Ok(v));
+            }
+        }
+        Err(e) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
         }
     }
 }
@@ -420,46 +434,33 @@ async fn flush(mut slot: InFlight) {
 /// script call's keys must share a slot, and a tenant's do (its id is their
 /// hash tag); different tenants' keys are disjoint, so splitting the batch
 /// by tenant and keeping each tenant's order decides every decision as one
-/// call at a time would. A node that fails fails only its tenants'
-/// decisions.
+/// call at a time would. Each tenant's decisions are answered as soon as
+/// its call returns, so a slow node delays only its own tenants' answers;
+/// one that fails fails only theirs.
 async fn by_tenant(
     conn: &redis::cluster_async::ClusterConnection,
     shared: &Shared,
-    reqs: &[&Request],
-) -> Vec<Result<Verdict, LimiterError>> {
-    // Tenants in order of first appearance, each with its decisions' places.
-    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
-    for (i, r) in reqs.iter().enumerate() {
-        let t = tag(&r.keys[0]);
-        match groups.iter_mut().find(|(g, _)| *g == t) {
-            Some((_, places)) => places.push(i),
-            None => groups.push((t, vec![i])),
+    batch: Vec<Pending>,
+) {
+    // Tenants in order of first appearance, each with its decisions.
+    let mut groups: Vec<(String, Vec<Pending>)> = Vec::new();
+    for p in batch {
+        let t = tag(&p.req.keys[0]);
+        match groups.iter().position(|(g, _)| g == t) {
+            Some(i) => groups[i].1.push(p),
+            None => groups.push((t.to_string(), vec![p])),
         }
     }
-    let calls = groups.iter().map(|(_, places)| {
+    let calls = groups.into_iter().map(|(_, group)| {
         let mut conn = conn.clone();
-        let group: Vec<&Request> = places.iter().map(|&i| reqs[i]).collect();
-        async move { call(&mut conn, &shared.script, shared.timeout, &group).await }
-    });
-    let results = join_all(calls).await;
-    let mut out: Vec<Option<Result<Verdict, LimiterError>>> = vec![None; reqs.len()];
-    for ((_, places), result) in groups.iter().zip(results) {
-        match result {
-            Ok(verdicts) => {
-                for (&i, v) in places.iter().zip(verdicts) {
-                    out[i] = Some(Ok(v));
-                }
-            }
-            Err(e) => {
-                for &i in places {
-                    out[i] = Some(Err(e.clone()));
-                }
-            }
+        async move {
+            let reqs: Vec<&Request> = group.iter().map(|p| &p.req).collect();
+            let result = call(&mut conn, &shared.script, shared.timeout, &reqs).await;
+            drop(reqs);
+            answer(group, result);
         }
-    }
-    out.into_iter()
-        .map(|v| v.unwrap_or_else(|| Err(LimiterError::Redis("missing verdict".into()))))
-        .collect()
+    });
+    join_all(calls).await;
 }
 
 /// The hash tag of a bucket key, `{prefix}:{<tenant>}:<bucket>`: its
