@@ -11,7 +11,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Fault, FaultProxy, RedisCluster, RedisServer};
+use common::{Fault, FaultProxy, RedisServer};
 use futures_util::future::join_all;
 use tiergate::config::{Limit, OnError, Rate, RedisConfig, RedisTarget};
 use tiergate::identity::TenantId;
@@ -269,103 +269,6 @@ async fn random_sequences_with_runs_decide_like_one_call_at_a_time() {
             "round {round} admits some and refuses some: {expected:?}"
         );
     }
-}
-
-/// `EVALSHA` calls so far on every node of `cluster`.
-fn cluster_evalsha_calls(cluster: &RedisCluster) -> u64 {
-    (0..cluster.len())
-        .map(|i| {
-            cluster
-                .cli(i, &["INFO", "commandstats"])
-                .lines()
-                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-                .and_then(|rest| rest.split(',').next()?.parse().ok())
-                .unwrap_or(0)
-        })
-        .sum()
-}
-
-/// On a Cluster a batch is split by tenant (one call's keys must share a
-/// slot): decisions of tenants on different nodes, in runs and mixed, made
-/// all at once, get the answers they get one at a time, and each tenant's
-/// share of the batch is one script call, not one per decision.
-#[tokio::test]
-async fn on_a_cluster_a_batch_split_by_tenant_decides_like_one_call_at_a_time() {
-    let cluster = RedisCluster::start();
-    let limiter = |prefix: &str| {
-        RedisLimiter::new(&RedisConfig {
-            target: RedisTarget::Cluster(cluster.urls()),
-            key_prefix: prefix.to_string(),
-            timeout: Duration::from_secs(5),
-        })
-        .expect("limiter")
-    };
-    let (one_by_one, batched) = (limiter("seq"), limiter("bat"));
-    let tier = bucket("tenant", "1/m", 4, 1);
-    let routed = vec![tier.clone(), bucket("export", "2/m", 2, 1)];
-    // The cluster client connects in the background.
-    for l in [&one_by_one, &batched] {
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while l
-            .check(&tenant("warm-up"), std::slice::from_ref(&tier), 0)
-            .await
-            .is_err()
-        {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "cluster never answered"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    // Tenants on at least two nodes.
-    let names = ["a", "b", "c", "d", "e", "f"];
-    let nodes: std::collections::BTreeSet<usize> = names
-        .iter()
-        .map(|t| cluster.node_for_key(&RedisLimiter::key("bat", &tenant(t), "tenant")))
-        .collect();
-    assert!(nodes.len() >= 2, "tenants all on one node: {nodes:?}");
-    let mut decisions: Vec<(TenantId, Vec<BucketSpec>)> = Vec::new();
-    for (i, t) in names.iter().enumerate() {
-        let shape = if i % 2 == 0 {
-            vec![tier.clone()]
-        } else {
-            routed.clone()
-        };
-        decisions.extend(std::iter::repeat_n((tenant(t), shape), 3 + i % 3));
-    }
-    // Interleave some: the same tenants again, mixed.
-    for i in 0..12 {
-        let shape = if i % 3 == 0 {
-            routed.clone()
-        } else {
-            vec![tier.clone()]
-        };
-        decisions.push((tenant(names[(i * 5) % names.len()]), shape));
-    }
-
-    let mut expected = Vec::new();
-    for (t, b) in &decisions {
-        expected.push(summary(&one_by_one.check(t, b, 0).await.expect("decision")));
-    }
-    let before = cluster_evalsha_calls(&cluster);
-    let got: Vec<_> = join_all(decisions.iter().map(|(t, b)| batched.check(t, b, 0)))
-        .await
-        .into_iter()
-        .map(|r| summary(&r.expect("decision")))
-        .collect();
-    let calls = cluster_evalsha_calls(&cluster) - before;
-    assert_eq!(got, expected);
-    assert!(
-        expected.iter().any(|d| d.0) && expected.iter().any(|d| !d.0),
-        "the sequence admits some and refuses some: {expected:?}"
-    );
-    assert!(
-        calls >= names.len() as u64 && calls <= 2 * names.len() as u64,
-        "{} concurrent decisions of {} tenants took {calls} script calls",
-        decisions.len(),
-        names.len()
-    );
 }
 
 /// A bucket whose rate changes between decisions of one batch (a tier

@@ -11,17 +11,16 @@
 //! (see [`TenantId`]), which keeps the key layout injective. Keys expire
 //! when their bucket would be full again, so idle tenants cost nothing.
 //!
-//! **Batching.** One worker's concurrent decisions are coalesced into one
-//! script call (module `batch`): the script takes a sequence of decisions
-//! and evaluates them one after another, each all-or-nothing, in arrival
-//! order, exactly as separate calls would, and Redis runs the whole script
-//! atomically, so the counts are exact. A decision goes out at once while
-//! fewer than four batches are in flight, so a quiet worker adds no
-//! latency; under load the decisions that arrive meanwhile share the next
-//! call (up to 128 per call). On a Cluster, where one call's keys must
-//! share a slot, a batch is split by tenant (a tenant's keys share its
-//! hash tag) into one call per tenant, sent at once and each routed by its
-//! keys: a busy tenant's concurrent decisions still go as one call.
+//! **Batching.** On a single server, one worker's concurrent decisions are
+//! coalesced into one script call (module `batch`): the script takes a
+//! sequence of decisions and evaluates them one after another, each
+//! all-or-nothing, in arrival order, exactly as separate calls would, and
+//! Redis runs the whole script atomically, so the counts are exact. A
+//! decision goes out at once while fewer than four batches are in flight,
+//! so a quiet worker adds no latency; under load the decisions that arrive
+//! meanwhile share the next call (up to 128 per call). On a Cluster the
+//! tenants' keys live on different slots, so each decision is its own call
+//! of the same script (a batch of one), routed by its keys.
 //!
 //! The script is sent by SHA (`EVALSHA`) and reloaded on `NOSCRIPT` (a Redis
 //! restarted empty). Every decision is bounded by `backend.redis.timeout`
@@ -156,8 +155,11 @@ impl RedisConn {
 /// The Redis limiter.
 pub struct RedisLimiter {
     conn: RedisConn,
-    /// Coalesces decisions into script calls.
-    batcher: Batcher,
+    /// The batch script, for one-decision calls on a Cluster.
+    script: redis::Script,
+    /// Coalesces decisions into script calls on a single server; `None` on
+    /// a Cluster.
+    batcher: Option<Batcher>,
     prefix: String,
     timeout: Duration,
     deny_cache: DenyCache,
@@ -313,9 +315,13 @@ impl RedisLimiter {
         // Connection attempts get a little more room than one call.
         let connect_timeout = timeout.max(Duration::from_millis(250));
         let conn = RedisConn::connect(&cfg.target, timeout, connect_timeout)?;
-        let batcher = Batcher::new(conn.clone(), timeout);
+        let batcher = match conn.get() {
+            Some(Conn::Single(manager)) => Some(Batcher::new(manager, timeout)),
+            _ => None,
+        };
         Ok(RedisLimiter {
             conn,
+            script: redis::Script::new(batch::SCRIPT),
             batcher,
             prefix: cfg.key_prefix.clone(),
             timeout,
@@ -428,9 +434,20 @@ impl RedisLimiter {
         // Deny-cache times are mapped from before the request was queued:
         // earlier than Redis's clock read, which keeps them lower bounds.
         let sent = self.deny_cache.now();
-        let verdict = tokio::time::timeout(self.timeout, self.batcher.submit(req))
-            .await
-            .map_err(|_| LimiterError::Timeout)??;
+        let verdict = match &self.batcher {
+            Some(batcher) => tokio::time::timeout(self.timeout, batcher.submit(req))
+                .await
+                .map_err(|_| LimiterError::Timeout)??,
+            None => {
+                let Some(mut conn) = self.conn.get() else {
+                    return Err(LimiterError::Unavailable("not connected".into()));
+                };
+                batch::call(&mut conn, &self.script, self.timeout, &[&req])
+                    .await?
+                    .pop()
+                    .ok_or_else(|| LimiterError::Redis("empty script reply".into()))?
+            }
+        };
         let admitted = verdict.admitted;
         let now = verdict.now;
         let mut tats = verdict.tats;

@@ -31,11 +31,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::future::join_all;
+use redis::aio::ConnectionManager;
 use tokio::sync::oneshot;
 
 use super::super::LimiterError;
-use super::{Conn, RedisConn};
 
 /// Check-and-debit over a sequence of decisions.
 ///
@@ -316,19 +315,19 @@ struct Queue {
 }
 
 struct Shared {
-    conn: RedisConn,
+    conn: ConnectionManager,
     script: redis::Script,
     timeout: Duration,
     queue: Mutex<Queue>,
 }
 
-/// Coalesces one worker's concurrent decisions into script calls (see the
-/// module docs).
+/// Coalesces one worker's concurrent decisions into script calls over a
+/// single server's connection (see the module docs).
 pub(super) struct Batcher(Arc<Shared>);
 
 impl Batcher {
     /// A batcher over `conn`; spawns nothing until the first decision.
-    pub fn new(conn: RedisConn, timeout: Duration) -> Batcher {
+    pub fn new(conn: ConnectionManager, timeout: Duration) -> Batcher {
         Batcher(Arc::new(Shared {
             conn,
             script: redis::Script::new(SCRIPT),
@@ -398,77 +397,23 @@ async fn flush(mut slot: InFlight) {
             let take = q.pending.len().min(MAX_BATCH);
             q.pending.drain(..take).collect()
         };
-        match shared.conn.get() {
-            None => answer(
-                batch,
-                Err(LimiterError::Unavailable("not connected".into())),
-            ),
-            Some(Conn::Single(mut c)) => {
-                let reqs: Vec<&Request> = batch.iter().map(|p| &p.req).collect();
-                let result = call(&mut c, &shared.script, shared.timeout, &reqs).await;
-                drop(reqs);
-                answer(batch, result);
+        let reqs: Vec<&Request> = batch.iter().map(|p| &p.req).collect();
+        let mut conn = shared.conn.clone();
+        let result = call(&mut conn, &shared.script, shared.timeout, &reqs).await;
+        drop(reqs);
+        match result {
+            Ok(verdicts) => {
+                for (p, v) in batch.into_iter().zip(verdicts) {
+                    let _ = p.reply.send(Ok(v));
+                }
             }
-            Some(Conn::Cluster(c)) => by_tenant(&c, &shared, batch).await,
-        }
-    }
-}
-
-/// Sends each decision of `batch` its verdict, or all of them the error.
-fn answer(batch: Vec<Pending>, result: Result<Vec<Verdict>, LimiterError>) {
-    match result {
-        Ok(verdicts) => {
-            for (p, v) in batch.into_iter().zip(verdicts) {
-                let _ = p.reply.send(Ok(v));
-            }
-        }
-        Err(e) => {
-            for p in batch {
-                let _ = p.reply.send(Err(e.clone()));
+            Err(e) => {
+                for p in batch {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
             }
         }
     }
-}
-
-/// A batch on a Cluster: one script call per tenant, all at once. A
-/// script call's keys must share a slot, and a tenant's do (its id is their
-/// hash tag); different tenants' keys are disjoint, so splitting the batch
-/// by tenant and keeping each tenant's order decides every decision as one
-/// call at a time would. Each tenant's decisions are answered as soon as
-/// its call returns, so a slow node delays only its own tenants' answers;
-/// one that fails fails only theirs.
-async fn by_tenant(
-    conn: &redis::cluster_async::ClusterConnection,
-    shared: &Shared,
-    batch: Vec<Pending>,
-) {
-    // Tenants in order of first appearance, each with its decisions.
-    let mut groups: Vec<(String, Vec<Pending>)> = Vec::new();
-    for p in batch {
-        let t = tag(&p.req.keys[0]);
-        match groups.iter().position(|(g, _)| g == t) {
-            Some(i) => groups[i].1.push(p),
-            None => groups.push((t.to_string(), vec![p])),
-        }
-    }
-    let calls = groups.into_iter().map(|(_, group)| {
-        let mut conn = conn.clone();
-        async move {
-            let reqs: Vec<&Request> = group.iter().map(|p| &p.req).collect();
-            let result = call(&mut conn, &shared.script, shared.timeout, &reqs).await;
-            drop(reqs);
-            answer(group, result);
-        }
-    });
-    join_all(calls).await;
-}
-
-/// The hash tag of a bucket key, `{prefix}:{<tenant>}:<bucket>`: its
-/// tenant (neither the prefix nor a tenant id may contain braces).
-fn tag(key: &str) -> &str {
-    let open = key.find('{').map_or(0, |i| i + 1);
-    let close = key[open..].find('}').map_or(key.len(), |i| open + i);
-    &key[open..close]
 }
 
 #[cfg(test)]
