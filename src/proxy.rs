@@ -430,11 +430,14 @@ impl Upstream {
 /// TCP keep-alive probes on upstream connections.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
-/// The shared pool does not hand out a connection idle for longer than
-/// this (checked at checkout). Upstreams close idle keep-alive connections
-/// after seconds (gunicorn 2 s, Node and Apache 5 s), and a connection
-/// reused just as that timer fires loses the request (502); under a second
-/// of idleness it cannot have fired. A busy pool keeps its connections.
+/// The shared pool does not hand out a connection that has sat in it for
+/// longer than this (checked at checkout). Upstreams close idle keep-alive
+/// connections after seconds (gunicorn 2 s, Node and Apache 5 s), and a
+/// connection reused just as that timer fires loses the request (502; the
+/// pooled path does not send it again). This narrows that race without
+/// closing it: the pool's clock starts when the last response has been
+/// read out, which a slow client can make later than the upstream's. A
+/// busy pool keeps its connections.
 const POOL_IDLE: Duration = Duration::from_secs(1);
 
 /// A copy of `req` to send again if the reused connection it goes out on
