@@ -57,32 +57,9 @@ impl KeepAlive {
         self.send("GET", path, "")
     }
 
-    /// Sends one HEAD and returns the response status (a HEAD response
-    /// has no body, whatever its `content-length`).
-    fn head(&mut self, path: &str) -> u16 {
-        let req = format!("HEAD {path} HTTP/1.1\r\nhost: t\r\nx-tenant-id: acme\r\n\r\n");
-        self.stream
-            .write_all(req.as_bytes())
-            .expect("write request");
-        let mut chunk = [0u8; 4096];
-        loop {
-            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
-                self.buf.drain(..end + 4);
-                return head
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-            }
-            let n = self.stream.read(&mut chunk).expect("read response");
-            assert!(n > 0, "tiergate closed the client connection");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
     /// Sends one request (with `body`, if not empty) and returns the
-    /// response status.
+    /// response status. A HEAD response has no body, whatever its
+    /// `content-length`.
     fn send(&mut self, method: &str, path: &str, body: &str) -> u16 {
         let length = if body.is_empty() {
             String::new()
@@ -99,14 +76,17 @@ impl KeepAlive {
         loop {
             if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                 let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
-                let len: usize = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("content-length")
-                            .then(|| v.trim().parse().ok())?
-                    })
-                    .unwrap_or(0);
+                let len: usize = if method == "HEAD" {
+                    0
+                } else {
+                    head.lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0)
+                };
                 if self.buf.len() >= end + 4 + len {
                     self.buf.drain(..end + 4 + len);
                     return head
@@ -159,6 +139,18 @@ fn an_upstream_that_closes_after_every_response_gets_a_new_connection_each_time(
 /// request reuses a connection idle since before the last sweep.
 const PAUSE: Duration = Duration::from_secs(1);
 
+/// An upstream behaving as `behaviour`, tiergate in front of it, and a
+/// client connection that has had one GET answered and then paused, so
+/// its next request reuses a connection idle since before the last sweep.
+fn after_a_pause(behaviour: Behaviour) -> (CountingUpstream, Tiergate, KeepAlive) {
+    let up = CountingUpstream::with(behaviour);
+    let tg = Tiergate::start(&racing_config(&up));
+    let mut c = KeepAlive::connect(tg.proxy_addr());
+    assert_eq!(c.get("/first"), 200);
+    std::thread::sleep(PAUSE);
+    (up, tg, c)
+}
+
 fn racing_config(up: &CountingUpstream) -> String {
     config_with(&up.url(), "", "  timeout: 2s")
 }
@@ -168,11 +160,7 @@ fn racing_config(up: &CountingUpstream) -> String {
 /// new connection, and the client never sees the race (nginx does the same).
 #[test]
 fn a_get_lost_to_an_upstream_closing_its_idle_connection_is_sent_again() {
-    let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
-    let tg = Tiergate::start(&racing_config(&up));
-    let mut c = KeepAlive::connect(tg.proxy_addr());
-    assert_eq!(c.get("/first"), 200);
-    std::thread::sleep(PAUSE);
+    let (up, _tg, mut c) = after_a_pause(Behaviour::DropSecondOnConnection);
     assert_eq!(c.get("/second"), 200, "the dropped GET was not sent again");
     assert_eq!(
         up.dropped(),
@@ -187,18 +175,14 @@ fn a_get_lost_to_an_upstream_closing_its_idle_connection_is_sent_again() {
 /// closing it; and a HEAD and a DELETE go again too.
 #[test]
 fn a_request_lost_to_a_reset_is_sent_again() {
-    let up = CountingUpstream::with(Behaviour::ResetSecondOnConnection);
-    let tg = Tiergate::start(&racing_config(&up));
-    let mut c = KeepAlive::connect(tg.proxy_addr());
-    assert_eq!(c.get("/first"), 200);
-    std::thread::sleep(PAUSE);
+    let (up, _tg, mut c) = after_a_pause(Behaviour::ResetSecondOnConnection);
     assert_eq!(c.get("/second"), 200, "the reset GET was not sent again");
     assert_eq!((up.dropped(), up.accepted()), (1, 2));
     std::thread::sleep(PAUSE);
     assert_eq!(c.send("DELETE", "/item/1", ""), 200);
     assert_eq!((up.dropped(), up.accepted()), (2, 3));
     std::thread::sleep(PAUSE);
-    assert_eq!(c.head("/item/2"), 200);
+    assert_eq!(c.send("HEAD", "/item/2", ""), 200);
     assert_eq!((up.dropped(), up.accepted()), (3, 4));
 }
 
@@ -206,11 +190,7 @@ fn a_request_lost_to_a_reset_is_sent_again() {
 /// have had its effect: it is not repeated, the client gets the 502.
 #[test]
 fn a_post_lost_the_same_way_is_not_sent_again() {
-    let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
-    let tg = Tiergate::start(&racing_config(&up));
-    let mut c = KeepAlive::connect(tg.proxy_addr());
-    assert_eq!(c.get("/first"), 200);
-    std::thread::sleep(PAUSE);
+    let (up, _tg, mut c) = after_a_pause(Behaviour::DropSecondOnConnection);
     // A POST, even without a body: not idempotent.
     assert_eq!(c.send("POST", "/order", ""), 502);
     assert_eq!(up.dropped(), 1);
@@ -227,11 +207,7 @@ fn a_post_lost_the_same_way_is_not_sent_again() {
 /// client gets the 502.
 #[test]
 fn a_get_is_sent_again_only_once() {
-    let up = CountingUpstream::with(Behaviour::DropAllButFirst);
-    let tg = Tiergate::start(&racing_config(&up));
-    let mut c = KeepAlive::connect(tg.proxy_addr());
-    assert_eq!(c.get("/first"), 200);
-    std::thread::sleep(PAUSE);
+    let (up, _tg, mut c) = after_a_pause(Behaviour::DropAllButFirst);
     assert_eq!(c.get("/second"), 502);
     assert_eq!(up.dropped(), 2, "the GET and its one repeat");
     assert_eq!(up.accepted(), 2);
@@ -256,19 +232,23 @@ async fn the_shared_pool_does_not_reuse_a_connection_idle_for_over_a_second() {
     >;
     let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
     let tg = Tiergate::start(&racing_config(&up));
+    /// A request body fed chunk by chunk through a channel.
+    fn body(rx: mpsc::Receiver<Bytes>) -> StreamBody<Frames> {
+        StreamBody::new(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) },
+        )))
+    }
     let sender = h2c_connect::<StreamBody<Frames>>(tg.proxy_addr()).await;
     let pooled_get = |path: &'static str| {
         let mut s = sender.clone();
         async move {
-            let (_tx, rx) = mpsc::channel::<Bytes>(1);
-            drop(_tx);
-            let frames: Frames = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
-            }));
+            // A body that ends at once (its sender is gone).
+            let (_, rx) = mpsc::channel::<Bytes>(1);
             let req = hyper::Request::builder()
                 .uri(format!("http://t{path}"))
                 .header("x-tenant-id", "acme")
-                .body(StreamBody::new(frames))
+                .body(body(rx))
                 .unwrap();
             tokio::time::timeout(Duration::from_secs(5), s.send_request(req))
                 .await
@@ -283,15 +263,12 @@ async fn the_shared_pool_does_not_reuse_a_connection_idle_for_over_a_second() {
     let holding = |path: &'static str| {
         let mut s = sender.clone();
         let (tx, rx) = mpsc::channel::<Bytes>(4);
-        let frames: Frames = Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|b| (Ok(Frame::data(b)), rx))
-        }));
         let req = hyper::Request::builder()
             .method("POST")
             .uri(format!("http://t{path}"))
             .header("x-tenant-id", "acme")
             .header("content-length", "10")
-            .body(StreamBody::new(frames))
+            .body(body(rx))
             .unwrap();
         let answer = tokio::spawn(async move { s.send_request(req).await.map(|r| r.status()) });
         (tx, answer)
