@@ -365,9 +365,12 @@ impl Overrides {
                     .map(|u| redis::Client::open(u.as_str()))
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| StoreError::Redis(e.to_string()))?;
-                let conn =
-                    RedisConn::connect(&r.target, Duration::from_secs(2), Duration::from_secs(1))
-                        .map_err(|e| StoreError::Redis(e.to_string()))?;
+                let conn = RedisConn::connect(
+                    &r.target,
+                    Some(Duration::from_secs(2)),
+                    Duration::from_secs(1),
+                )
+                .map_err(|e| StoreError::Redis(e.to_string()))?;
                 let p = &r.key_prefix;
                 Store::Redis {
                     conn,

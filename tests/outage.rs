@@ -333,41 +333,6 @@ enum Outage {
     Kill,
 }
 
-/// `kill -SIG pid`.
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid} failed");
-}
-
-/// The redis-server pid (from `INFO server`).
-fn redis_pid(redis: &RedisServer) -> u32 {
-    redis
-        .cli(&["INFO", "server"])
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("process_id:")?.parse().ok())
-        .expect("process_id in INFO server")
-}
-
-/// SIGCONTs a stopped Redis on drop, so a failing assertion never leaves a
-/// stopped process behind.
-struct Continue(Option<u32>);
-
-impl Drop for Continue {
-    fn drop(&mut self) {
-        if let Some(pid) = self.0.take() {
-            let _ = std::process::Command::new("kill")
-                .arg("-CONT")
-                .arg(pid.to_string())
-                .status();
-        }
-    }
-}
-
 /// The whole `on_error: local` cycle for one kind of outage: load through
 /// it, exact local decisions, `/readyz`/metrics/logs while down, recovery
 /// within 2 s with no traffic, and Redis deciding again afterwards.
@@ -384,14 +349,10 @@ async fn local_outage_cycle(outage: Outage) {
     let load = Load::start(tg);
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let mut cont = Continue(None);
+    let mut frozen = None;
     match &outage {
         Outage::Proxy(f) => rig.fault.set(*f),
-        Outage::Stop => {
-            let pid = redis_pid(&rig.redis);
-            signal(pid, "STOP");
-            cont.0 = Some(pid);
-        }
+        Outage::Stop => frozen = Some(rig.redis.freeze()),
         Outage::Kill => tokio::task::block_in_place(|| rig.redis.kill()),
     }
     let (tg, http) = (&rig.tg, &rig.http);
@@ -438,7 +399,7 @@ async fn local_outage_cycle(outage: Outage) {
     // Restore, with no proxy traffic at all.
     match outage {
         Outage::Proxy(_) => rig.fault.set(Fault::Pass),
-        Outage::Stop => drop(cont),
+        Outage::Stop => drop(frozen.take()),
         Outage::Kill => tokio::task::block_in_place(|| rig.redis.restart()),
     }
     let (tg, http) = (&rig.tg, &rig.http);

@@ -424,3 +424,63 @@ async fn decisions_queued_behind_a_silent_redis_time_out() {
         assert_eq!(r, Err(LimiterError::Timeout));
     }
 }
+
+/// A decision that waits in the queue past its deadline is answered
+/// `Timeout` and never sent. Every in-flight slot (the batcher's limit is
+/// four) is held by a call to a frozen Redis, five more decisions queue
+/// behind them, and the worker is then kept busy beyond every deadline.
+/// Once Redis thaws it runs only the four calls that were on the wire: no
+/// token is taken for a decision whose caller was already told `Timeout`.
+#[test]
+fn a_decision_that_expires_in_the_queue_is_never_sent() {
+    let server = RedisServer::start();
+    let cfg = redis_config(&server.url(), "tg", Duration::from_millis(300));
+    let rt = worker_runtime();
+    rt.block_on(async {
+        let limiter = Arc::new(RedisLimiter::new(&cfg).expect("limiter"));
+        let buckets = Arc::new([bucket("tenant", "1/m", 1000, 1)]);
+        let acme = tenant("acme");
+        limiter
+            .check(&acme, &buckets[..], 0)
+            .await
+            .expect("redis is up");
+        let calls_before = evalsha_calls(&server);
+
+        let frozen = server.freeze();
+        let decide = || {
+            let (limiter, buckets, acme) = (limiter.clone(), buckets.clone(), acme.clone());
+            tokio::spawn(async move { limiter.check(&acme, &buckets[..], 0).await })
+        };
+        let mut decisions = Vec::new();
+        for _ in 0..4 {
+            decisions.push(decide());
+            // The runtime runs until idle: this decision's flusher has sent
+            // it alone and waits for Redis.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for _ in 0..5 {
+            decisions.push(decide());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // The worker busy past every deadline (the last is ~380 ms away).
+        std::thread::sleep(Duration::from_millis(600));
+        for d in decisions {
+            assert_eq!(d.await.expect("task"), Err(LimiterError::Timeout));
+        }
+
+        drop(frozen);
+        // Redis answers in order: once this is answered, every call that
+        // reached it has run.
+        limiter
+            .check(&acme, &buckets[..], 0)
+            .await
+            .expect("redis thawed");
+        assert_eq!(
+            evalsha_calls(&server) - calls_before,
+            4 + 1,
+            "the four calls on the wire and the last one; the expired five were never sent"
+        );
+        let left = limiter.peek(&acme, &buckets[0]).await.expect("peek");
+        assert_eq!(left, 1000 - 1 - 4 - 1);
+    });
+}

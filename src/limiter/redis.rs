@@ -96,9 +96,14 @@ pub struct RedisConn(Arc<OnceCell<Conn>>);
 
 impl RedisConn {
     /// Starts connecting to `target`. Must be called inside a Tokio runtime.
+    /// `response_timeout` bounds each command inside redis-rs; `None` when
+    /// the caller bounds every call itself (redis-rs's bound would be a
+    /// second timer per call). A Cluster client always gets one, falling
+    /// back to `connect_timeout`, for the calls it makes on its own (slot
+    /// refreshes).
     pub fn connect(
         target: &RedisTarget,
-        response_timeout: Duration,
+        response_timeout: Option<Duration>,
         connect_timeout: Duration,
     ) -> Result<RedisConn, LimiterError> {
         let cell = Arc::new(OnceCell::new());
@@ -107,7 +112,7 @@ impl RedisConn {
                 let client = redis::Client::open(url.as_str())
                     .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
                 let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(response_timeout))
+                    .set_response_timeout(response_timeout)
                     .set_connection_timeout(Some(connect_timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_millis(500));
@@ -118,7 +123,7 @@ impl RedisConn {
             RedisTarget::Cluster(nodes) => {
                 let client = redis::cluster::ClusterClient::builder(nodes.clone())
                     .connection_timeout(connect_timeout)
-                    .response_timeout(response_timeout)
+                    .response_timeout(response_timeout.unwrap_or(connect_timeout))
                     .build()
                     .map_err(|e| LimiterError::Unavailable(e.to_string()))?;
                 let fill = cell.clone();
@@ -314,9 +319,15 @@ impl RedisLimiter {
         let timeout = cfg.timeout;
         // Connection attempts get a little more room than one call.
         let connect_timeout = timeout.max(Duration::from_millis(250));
-        let conn = RedisConn::connect(&cfg.target, timeout, connect_timeout)?;
+        // Every call the limiter makes is bounded by its own deadline; a
+        // single server's connection needs no second bound per command.
+        let per_command = match cfg.target {
+            RedisTarget::Single(_) => None,
+            RedisTarget::Cluster(_) => Some(timeout),
+        };
+        let conn = RedisConn::connect(&cfg.target, per_command, connect_timeout)?;
         let batcher = match conn.get() {
-            Some(Conn::Single(manager)) => Some(Batcher::new(manager, timeout)),
+            Some(Conn::Single(manager)) => Some(Batcher::new(manager)),
             _ => None,
         };
         Ok(RedisLimiter {
@@ -435,14 +446,17 @@ impl RedisLimiter {
         // earlier than Redis's clock read, which keeps them lower bounds.
         let sent = self.deny_cache.now();
         let verdict = match &self.batcher {
-            Some(batcher) => tokio::time::timeout(self.timeout, batcher.submit(req))
-                .await
-                .map_err(|_| LimiterError::Timeout)??,
+            Some(batcher) => {
+                batcher
+                    .submit(req, tokio::time::Instant::now() + self.timeout)
+                    .await?
+            }
             None => {
                 let Some(mut conn) = self.conn.get() else {
                     return Err(LimiterError::Unavailable("not connected".into()));
                 };
-                batch::call(&mut conn, &self.script, self.timeout, &[&req])
+                let deadline = tokio::time::Instant::now() + self.timeout;
+                batch::call(&mut conn, &self.script, deadline, &[&req])
                     .await?
                     .pop()
                     .ok_or_else(|| LimiterError::Redis("empty script reply".into()))?

@@ -109,6 +109,16 @@ impl RedisServer {
         ping(self.port)
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open, nothing is
+    /// answered, and what clients send waits in the socket, to be run in
+    /// order once thawed. Thawed (SIGCONT) when the guard drops, so a
+    /// failing assertion never leaves a stopped process behind.
+    pub fn freeze(&self) -> Frozen {
+        let pid = self.child.as_ref().expect("redis-server is running").id();
+        signal(pid, "STOP");
+        Frozen(pid)
+    }
+
     /// SIGKILLs the server and reaps it (no-op if already dead). The port is
     /// left closed until [`restart`](Self::restart).
     pub fn kill(&mut self) {
@@ -221,4 +231,23 @@ fn ping(port: u16) -> bool {
     }
     let mut buf = [0u8; 7];
     stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// A frozen `redis-server` (see [`RedisServer::freeze`]); thaws it on drop.
+pub struct Frozen(u32);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal(self.0, "CONT");
+    }
+}
+
+/// `kill -SIG pid`.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok || std::thread::panicking(), "kill -{sig} {pid} failed");
 }
