@@ -98,9 +98,9 @@ impl RedisConn {
     /// Starts connecting to `target`. Must be called inside a Tokio runtime.
     /// `response_timeout` bounds each command inside redis-rs; `None` when
     /// the caller bounds every call itself (redis-rs's bound would be a
-    /// second timer per call). A Cluster client always gets one, falling
-    /// back to `connect_timeout`, for the calls it makes on its own (slot
-    /// refreshes).
+    /// second timer per call). A Cluster client always gets one (it
+    /// retries and follows redirects on its own, each attempt bounded),
+    /// `connect_timeout` when none is given.
     pub fn connect(
         target: &RedisTarget,
         response_timeout: Option<Duration>,

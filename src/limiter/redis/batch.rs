@@ -31,7 +31,7 @@
 //! while it waited hold only decisions queued before it, so each of them
 //! ends by its deadline. (A timer per decision cost a timer-wheel insert
 //! and removal each, and often a wake-up of the worker's own event loop,
-//! an `eventfd` write: ~0.2 system calls per request in the e2e bench.)
+//! an `eventfd` write: ~0.27 `write` calls per request under `wrk -c64`.)
 //!
 //! There is no long-lived task: the decision that finds a free in-flight
 //! slot spawns a short *flusher* on the caller's runtime, which sends
@@ -424,11 +424,9 @@ async fn flush(mut slot: InFlight) {
         };
         time_out(expired);
         let reqs: Vec<&Request> = batch.iter().map(|p| &p.req).collect();
-        let deadline = batch
-            .iter()
-            .map(|p| p.deadline)
-            .min()
-            .expect("a batch is never empty");
+        let Some(deadline) = batch.iter().map(|p| p.deadline).min() else {
+            continue; // not reached: the queue was not empty
+        };
         let mut conn = shared.conn.clone();
         let result = call(&mut conn, &shared.script, deadline, &reqs).await;
         drop(reqs);
