@@ -434,7 +434,9 @@ async fn decisions_queued_behind_a_silent_redis_time_out() {
 #[test]
 fn a_decision_that_expires_in_the_queue_is_never_sent() {
     let server = RedisServer::start();
-    let cfg = redis_config(&server.url(), "tg", Duration::from_millis(300));
+    // A generous timeout: the call after the thaw must not time out on a
+    // loaded machine.
+    let cfg = redis_config(&server.url(), "tg", Duration::from_secs(1));
     let rt = worker_runtime();
     rt.block_on(async {
         let limiter = Arc::new(RedisLimiter::new(&cfg).expect("limiter"));
@@ -462,8 +464,8 @@ fn a_decision_that_expires_in_the_queue_is_never_sent() {
             decisions.push(decide());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        // The worker busy past every deadline (the last is ~380 ms away).
-        std::thread::sleep(Duration::from_millis(600));
+        // The worker busy past every deadline (the last is ~1.1 s away).
+        std::thread::sleep(Duration::from_millis(1500));
         for d in decisions {
             assert_eq!(d.await.expect("task"), Err(LimiterError::Timeout));
         }
