@@ -486,3 +486,63 @@ fn a_decision_that_expires_in_the_queue_is_never_sent() {
         assert_eq!(left, 1000 - 1 - 4 - 1);
     });
 }
+
+/// Each decision of a batch gets its whole timeout: one that queued for a
+/// while does not cut short the call it rides in for those that joined
+/// later. Four calls to a frozen Redis hold every in-flight slot; `early`
+/// queues behind them at ~0.3 s and `late` at ~1.5 s (timeout 2 s). At
+/// ~2 s the four calls time out and `early` and `late` go out in one call.
+/// Redis thaws at ~2.9 s: after `early`'s deadline, well before `late`'s.
+/// `early` is answered `Timeout` at its deadline; `late` gets Redis's
+/// verdict.
+#[test]
+fn each_decision_of_a_batch_gets_its_whole_timeout() {
+    let server = RedisServer::start();
+    let cfg = redis_config(&server.url(), "tg", Duration::from_secs(2));
+    let rt = worker_runtime();
+    rt.block_on(async {
+        let limiter = Arc::new(RedisLimiter::new(&cfg).expect("limiter"));
+        let buckets = Arc::new([bucket("tenant", "1/m", 1000, 1)]);
+        let acme = tenant("acme");
+        limiter
+            .check(&acme, &buckets[..], 0)
+            .await
+            .expect("redis is up");
+        let calls_before = evalsha_calls(&server);
+
+        let start = tokio::time::Instant::now();
+        let at = |secs: f64| tokio::time::sleep_until(start + Duration::from_secs_f64(secs));
+        let frozen = server.freeze();
+        let decide = || {
+            let (limiter, buckets, acme) = (limiter.clone(), buckets.clone(), acme.clone());
+            tokio::spawn(async move { limiter.check(&acme, &buckets[..], 0).await })
+        };
+        let mut on_wire = Vec::new();
+        for i in 0..4 {
+            on_wire.push(decide());
+            // Runs until idle: this decision's flusher has sent it alone.
+            at(0.02 * f64::from(i + 1)).await;
+        }
+        at(0.3).await;
+        let early = decide();
+        at(1.5).await;
+        let late = decide();
+        at(2.9).await;
+        drop(frozen);
+
+        for d in on_wire {
+            assert_eq!(d.await.expect("task"), Err(LimiterError::Timeout));
+        }
+        assert_eq!(early.await.expect("task"), Err(LimiterError::Timeout));
+        let late = late.await.expect("task");
+        assert!(
+            matches!(late, Ok(Decision::Allow { .. })),
+            "the call outlived `early`'s deadline for `late`: {late:?}"
+        );
+        assert_eq!(
+            evalsha_calls(&server) - calls_before,
+            4 + 1,
+            "the four calls, then `early` and `late` in one"
+        );
+    });
+}

@@ -327,7 +327,7 @@ impl RedisLimiter {
         };
         let conn = RedisConn::connect(&cfg.target, per_command, connect_timeout)?;
         let batcher = match conn.get() {
-            Some(Conn::Single(manager)) => Some(Batcher::new(manager)),
+            Some(Conn::Single(manager)) => Some(Batcher::new(manager, timeout)),
             _ => None,
         };
         Ok(RedisLimiter {
@@ -446,18 +446,16 @@ impl RedisLimiter {
         // earlier than Redis's clock read, which keeps them lower bounds.
         let sent = self.deny_cache.now();
         let verdict = match &self.batcher {
-            Some(batcher) => {
-                batcher
-                    .submit(req, tokio::time::Instant::now() + self.timeout)
-                    .await?
-            }
+            Some(batcher) => batcher.submit(req).await?,
             None => {
                 let Some(mut conn) = self.conn.get() else {
                     return Err(LimiterError::Unavailable("not connected".into()));
                 };
-                let deadline = tokio::time::Instant::now() + self.timeout;
-                batch::call(&mut conn, &self.script, deadline, &[&req])
-                    .await?
+                let one = [&req];
+                let call = batch::call(&mut conn, &self.script, &one);
+                tokio::time::timeout(self.timeout, call)
+                    .await
+                    .map_err(|_| LimiterError::Timeout)??
                     .pop()
                     .ok_or_else(|| LimiterError::Redis("empty script reply".into()))?
             }

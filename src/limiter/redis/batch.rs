@@ -23,15 +23,20 @@
 //! included) 29.0 → 18.1 µs; calls of distinct tenants cost what they did.
 //!
 //! **Deadlines without a timer per decision.** Each decision carries its
-//! deadline (`backend.redis.timeout` after it was submitted) and a call is
-//! bounded by the earliest deadline among its decisions: one timer per
-//! call, not per decision. A decision still queued when its deadline
-//! passes is answered [`LimiterError::Timeout`] by the next flusher to
-//! look at the queue, and one always looks by then: the calls in flight
-//! while it waited hold only decisions queued before it, so each of them
-//! ends by its deadline. (A timer per decision cost a timer-wheel insert
-//! and removal each, and often a wake-up of the worker's own event loop,
-//! an `eventfd` write: ~0.27 `write` calls per request under `wrk -c64`.)
+//! deadline (`backend.redis.timeout` after it was queued; queue order is
+//! deadline order). A call has one timer, set to its earliest decision's
+//! deadline: when it fires, the decisions whose deadline has passed are
+//! answered [`LimiterError::Timeout`] and the timer moves on to the next
+//! one, so each decision of a batch gets its whole timeout and the call
+//! is given up only when its last decision's has passed. When Redis
+//! answers in time that is one timer per call, not one per decision. A
+//! decision still queued when its deadline passes is answered `Timeout`
+//! by the next flusher to look at the queue, and not sent; one always
+//! looks by then, because the calls in flight while it waited hold only
+//! decisions queued before it, so each of them ends by its deadline. (A
+//! timer per decision cost a timer-wheel insert and removal each, and
+//! often a wake-up of the worker's own event loop, an `eventfd` write:
+//! ~0.27 `write` calls per request under `wrk -c64`.)
 //!
 //! There is no long-lived task: the decision that finds a free in-flight
 //! slot spawns a short *flusher* on the caller's runtime, which sends
@@ -39,7 +44,9 @@
 //! lives wherever its decisions are made (each worker's current-thread
 //! runtime), costs nothing while idle and cannot be left behind.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use tokio::sync::oneshot;
@@ -216,13 +223,12 @@ pub(super) fn classify(e: redis::RedisError) -> LimiterError {
     }
 }
 
-/// Runs the script once over `reqs`, bounded by `deadline`, and splits the
-/// reply into one verdict per request, in order. Consecutive identical
-/// requests go as one run (see [`SCRIPT`]).
+/// Runs the script once over `reqs` and splits the reply into one verdict
+/// per request, in order. Consecutive identical requests go as one run
+/// (see [`SCRIPT`]). Unbounded: the caller bounds it.
 pub(super) async fn call<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     script: &redis::Script,
-    deadline: Instant,
     reqs: &[&Request],
 ) -> Result<Vec<Verdict>, LimiterError> {
     let runs = runs(reqs);
@@ -242,7 +248,7 @@ pub(super) async fn call<C: redis::aio::ConnectionLike>(
         match inv.invoke_async::<Vec<u64>>(conn).await {
             // A connection that broke while the circuit was open (or idle)
             // fails its first call while it reconnects: retry once, within
-            // the same deadline. Should the connection have dropped after
+            // the caller's bound. Should the connection have dropped after
             // Redis ran the script, the retry takes one token more per
             // decision than it should: it errs on the strict side.
             Err(e) if e.is_io_error() || e.is_connection_dropped() => {
@@ -251,10 +257,7 @@ pub(super) async fn call<C: redis::aio::ConnectionLike>(
             other => other,
         }
     };
-    let reply = match tokio::time::timeout_at(deadline, call).await {
-        Err(_) => return Err(LimiterError::Timeout),
-        Ok(r) => r.map_err(classify)?,
-    };
+    let reply = call.await.map_err(classify)?;
     split(&reply, &runs, reqs.len())
 }
 
@@ -330,6 +333,7 @@ struct Queue {
 struct Shared {
     conn: ConnectionManager,
     script: redis::Script,
+    timeout: Duration,
     queue: Mutex<Queue>,
 }
 
@@ -338,25 +342,30 @@ struct Shared {
 pub(super) struct Batcher(Arc<Shared>);
 
 impl Batcher {
-    /// A batcher over `conn`; spawns nothing until the first decision.
-    pub fn new(conn: ConnectionManager) -> Batcher {
+    /// A batcher over `conn` whose decisions wait at most `timeout`;
+    /// spawns nothing until the first decision.
+    pub fn new(conn: ConnectionManager, timeout: Duration) -> Batcher {
         Batcher(Arc::new(Shared {
             conn,
             script: redis::Script::new(SCRIPT),
+            timeout,
             queue: Mutex::default(),
         }))
     }
 
-    /// Queues `req` and waits for its verdict, which comes by `deadline`
-    /// (shortly after it at worst: a timer's and a task's scheduling), as
-    /// [`LimiterError::Timeout`] if Redis has not answered. Must be called
-    /// inside a Tokio runtime (the flusher is spawned there). A decision
-    /// abandoned before its batch is sent is dropped from it, so it takes
-    /// no tokens.
-    pub async fn submit(&self, req: Request, deadline: Instant) -> Result<Verdict, LimiterError> {
+    /// Queues `req` and waits for its verdict, which comes within the
+    /// batcher's timeout (shortly after it at worst: a timer's and a
+    /// task's scheduling), as [`LimiterError::Timeout`] if Redis has not
+    /// answered by then. Must be called inside a Tokio runtime (the
+    /// flusher is spawned there). A decision abandoned before its batch is
+    /// sent is dropped from it, so it takes no tokens.
+    pub async fn submit(&self, req: Request) -> Result<Verdict, LimiterError> {
         let (tx, rx) = oneshot::channel();
         let start = {
             let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+            // Taken under the lock: queue order is deadline order, which
+            // the flusher relies on.
+            let deadline = Instant::now() + self.0.timeout;
             q.pending.push(Pending {
                 req,
                 deadline,
@@ -372,8 +381,7 @@ impl Batcher {
                 held: true,
             }));
         }
-        rx.await
-            .unwrap_or_else(|_| Err(LimiterError::Unavailable("batch abandoned".into())))
+        rx.await.unwrap_or_else(|_| Err(abandoned()))
     }
 }
 
@@ -390,8 +398,22 @@ impl Drop for InFlight {
         if self.held {
             let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
             q.in_flight -= 1;
+            if q.in_flight == 0 {
+                // No flusher is left to send what is queued: answer it now
+                // rather than leave it to whichever decision comes next.
+                let orphans: Vec<Pending> = q.pending.drain(..).collect();
+                drop(q);
+                for p in orphans {
+                    let _ = p.reply.send(Err(abandoned()));
+                }
+            }
         }
     }
+}
+
+/// The answer to a decision whose flusher ended without sending it.
+fn abandoned() -> LimiterError {
+    LimiterError::Unavailable("batch abandoned".into())
 }
 
 /// Sends batches until the queue is empty.
@@ -423,23 +445,71 @@ async fn flush(mut slot: InFlight) {
             (batch, expired)
         };
         time_out(expired);
-        let reqs: Vec<&Request> = batch.iter().map(|p| &p.req).collect();
-        let Some(deadline) = batch.iter().map(|p| p.deadline).min() else {
-            continue; // not reached: the queue was not empty
-        };
+        let mut waiters = Vec::with_capacity(batch.len());
+        let reqs: Vec<Request> = batch
+            .into_iter()
+            .map(|p| {
+                waiters.push(Waiter {
+                    deadline: p.deadline,
+                    reply: Some(p.reply),
+                });
+                p.req
+            })
+            .collect();
+        let refs: Vec<&Request> = reqs.iter().collect();
         let mut conn = shared.conn.clone();
-        let result = call(&mut conn, &shared.script, deadline, &reqs).await;
-        drop(reqs);
+        let result = by_deadlines(call(&mut conn, &shared.script, &refs), &mut waiters).await;
+        // Waiters answered `Timeout` meanwhile have no reply left.
         match result {
-            Ok(verdicts) => {
-                for (p, v) in batch.into_iter().zip(verdicts) {
-                    let _ = p.reply.send(Ok(v));
+            Some(Ok(verdicts)) => {
+                for (w, v) in waiters.into_iter().zip(verdicts) {
+                    if let Some(reply) = w.reply {
+                        let _ = reply.send(Ok(v));
+                    }
                 }
             }
-            Err(e) => {
-                for p in batch {
-                    let _ = p.reply.send(Err(e.clone()));
+            Some(Err(e)) => {
+                for reply in waiters.into_iter().filter_map(|w| w.reply) {
+                    let _ = reply.send(Err(e.clone()));
                 }
+            }
+            None => {}
+        }
+    }
+}
+
+/// A decision of a batch on the wire: its deadline, and where its verdict
+/// goes until it is answered.
+struct Waiter {
+    deadline: Instant,
+    reply: Option<oneshot::Sender<Result<Verdict, LimiterError>>>,
+}
+
+/// Drives `call` while answering each of `waiters` (in deadline order)
+/// [`LimiterError::Timeout`] at its own deadline; one timer, moved from
+/// deadline to deadline. `None` once every waiter has been answered so:
+/// the call is given up. Otherwise the call's result, for the waiters
+/// whose `reply` is still there.
+async fn by_deadlines<T>(call: impl Future<Output = T>, waiters: &mut [Waiter]) -> Option<T> {
+    let first = waiters.first()?.deadline;
+    tokio::pin!(call);
+    let timer = tokio::time::sleep_until(first);
+    tokio::pin!(timer);
+    let mut next = 0;
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut call => return Some(out),
+            () = &mut timer => {
+                let now = Instant::now();
+                while let Some(w) = waiters.get_mut(next).filter(|w| w.deadline <= now) {
+                    if let Some(reply) = w.reply.take() {
+                        let _ = reply.send(Err(LimiterError::Timeout));
+                    }
+                    next += 1;
+                }
+                let w = waiters.get(next)?;
+                timer.as_mut().reset(w.deadline);
             }
         }
     }
