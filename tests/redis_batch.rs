@@ -425,44 +425,84 @@ async fn decisions_queued_behind_a_silent_redis_time_out() {
     }
 }
 
-/// A decision that waits in the queue past its deadline is answered
-/// `Timeout` and never sent. Every in-flight slot (the batcher's limit is
-/// four) is held by a call to a frozen Redis, five more decisions queue
-/// behind them, and the worker is then kept busy beyond every deadline.
-/// Once Redis thaws it runs only the four calls that were on the wire: no
-/// token is taken for a decision whose caller was already told `Timeout`.
-#[test]
-fn a_decision_that_expires_in_the_queue_is_never_sent() {
-    let server = RedisServer::start();
-    // A generous timeout: the call after the thaw must not time out on a
-    // loaded machine.
-    let cfg = redis_config(&server.url(), "tg", Duration::from_secs(1));
-    let rt = worker_runtime();
-    rt.block_on(async {
-        let limiter = Arc::new(RedisLimiter::new(&cfg).expect("limiter"));
-        let buckets = Arc::new([bucket("tenant", "1/m", 1000, 1)]);
-        let acme = tenant("acme");
-        limiter
-            .check(&acme, &buckets[..], 0)
-            .await
-            .expect("redis is up");
-        let calls_before = evalsha_calls(&server);
+/// One tenant's decisions on a throw-away Redis that the tests below freeze
+/// while decisions queue: the limiter is connected and its script loaded.
+struct Queueing {
+    server: RedisServer,
+    limiter: Arc<RedisLimiter>,
+    buckets: Arc<[BucketSpec; 1]>,
+    acme: TenantId,
+    /// `EVALSHA`s run before the test's own.
+    calls_before: u64,
+}
 
-        let frozen = server.freeze();
-        let decide = || {
-            let (limiter, buckets, acme) = (limiter.clone(), buckets.clone(), acme.clone());
-            tokio::spawn(async move { limiter.check(&acme, &buckets[..], 0).await })
+impl Queueing {
+    /// Must run on a worker runtime; `timeout` is `backend.redis.timeout`.
+    async fn start(timeout: Duration) -> Queueing {
+        let server = RedisServer::start();
+        let cfg = redis_config(&server.url(), "tg", timeout);
+        let q = Queueing {
+            limiter: Arc::new(RedisLimiter::new(&cfg).expect("limiter")),
+            buckets: Arc::new([bucket("tenant", "1/m", 1000, 1)]),
+            acme: tenant("acme"),
+            calls_before: 0,
+            server,
         };
-        let mut decisions = Vec::new();
+        q.check().await.expect("redis is up");
+        Queueing {
+            calls_before: evalsha_calls(&q.server),
+            ..q
+        }
+    }
+
+    async fn check(&self) -> Result<Decision, LimiterError> {
+        self.limiter.check(&self.acme, &self.buckets[..], 0).await
+    }
+
+    /// One decision, as a task of its own.
+    fn decide(&self) -> tokio::task::JoinHandle<Result<Decision, LimiterError>> {
+        let (limiter, buckets, acme) = (
+            self.limiter.clone(),
+            self.buckets.clone(),
+            self.acme.clone(),
+        );
+        tokio::spawn(async move { limiter.check(&acme, &buckets[..], 0).await })
+    }
+
+    /// Four decisions, each sent alone in a call of its own: every
+    /// in-flight slot of the batcher (four) is taken.
+    async fn fill_in_flight(&self) -> Vec<tokio::task::JoinHandle<Result<Decision, LimiterError>>> {
+        let mut on_wire = Vec::new();
         for _ in 0..4 {
-            decisions.push(decide());
-            // The runtime runs until idle: this decision's flusher has sent
-            // it alone and waits for Redis.
+            on_wire.push(self.decide());
+            // The runtime runs until idle: this decision's flusher has
+            // sent it alone and waits for Redis.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for _ in 0..5 {
-            decisions.push(decide());
-        }
+        on_wire
+    }
+
+    /// `EVALSHA`s run since `start`.
+    fn calls(&self) -> u64 {
+        evalsha_calls(&self.server) - self.calls_before
+    }
+}
+
+/// A decision that waits in the queue past its deadline is answered
+/// `Timeout` and never sent. Four calls to a frozen Redis hold every
+/// in-flight slot, five more decisions queue behind them, and the worker
+/// is then kept busy beyond every deadline. Once Redis thaws it runs only
+/// the four calls that were on the wire: no token is taken for a decision
+/// whose caller was already told `Timeout`.
+#[test]
+fn a_decision_that_expires_in_the_queue_is_never_sent() {
+    worker_runtime().block_on(async {
+        // A generous timeout: the call after the thaw must not time out on
+        // a loaded machine.
+        let q = Queueing::start(Duration::from_secs(1)).await;
+        let frozen = q.server.freeze();
+        let mut decisions = q.fill_in_flight().await;
+        decisions.extend((0..5).map(|_| q.decide()));
         tokio::time::sleep(Duration::from_millis(20)).await;
         // The worker busy past every deadline (the last is ~1.1 s away).
         std::thread::sleep(Duration::from_millis(1500));
@@ -473,16 +513,13 @@ fn a_decision_that_expires_in_the_queue_is_never_sent() {
         drop(frozen);
         // Redis answers in order: once this is answered, every call that
         // reached it has run.
-        limiter
-            .check(&acme, &buckets[..], 0)
-            .await
-            .expect("redis thawed");
+        q.check().await.expect("redis thawed");
         assert_eq!(
-            evalsha_calls(&server) - calls_before,
+            q.calls(),
             4 + 1,
             "the four calls on the wire and the last one; the expired five were never sent"
         );
-        let left = limiter.peek(&acme, &buckets[0]).await.expect("peek");
+        let left = q.limiter.peek(&q.acme, &q.buckets[0]).await.expect("peek");
         assert_eq!(left, 1000 - 1 - 4 - 1);
     });
 }
@@ -497,36 +534,16 @@ fn a_decision_that_expires_in_the_queue_is_never_sent() {
 /// verdict.
 #[test]
 fn each_decision_of_a_batch_gets_its_whole_timeout() {
-    let server = RedisServer::start();
-    let cfg = redis_config(&server.url(), "tg", Duration::from_secs(2));
-    let rt = worker_runtime();
-    rt.block_on(async {
-        let limiter = Arc::new(RedisLimiter::new(&cfg).expect("limiter"));
-        let buckets = Arc::new([bucket("tenant", "1/m", 1000, 1)]);
-        let acme = tenant("acme");
-        limiter
-            .check(&acme, &buckets[..], 0)
-            .await
-            .expect("redis is up");
-        let calls_before = evalsha_calls(&server);
-
+    worker_runtime().block_on(async {
+        let q = Queueing::start(Duration::from_secs(2)).await;
         let start = tokio::time::Instant::now();
         let at = |secs: f64| tokio::time::sleep_until(start + Duration::from_secs_f64(secs));
-        let frozen = server.freeze();
-        let decide = || {
-            let (limiter, buckets, acme) = (limiter.clone(), buckets.clone(), acme.clone());
-            tokio::spawn(async move { limiter.check(&acme, &buckets[..], 0).await })
-        };
-        let mut on_wire = Vec::new();
-        for i in 0..4 {
-            on_wire.push(decide());
-            // Runs until idle: this decision's flusher has sent it alone.
-            at(0.02 * f64::from(i + 1)).await;
-        }
+        let frozen = q.server.freeze();
+        let on_wire = q.fill_in_flight().await;
         at(0.3).await;
-        let early = decide();
+        let early = q.decide();
         at(1.5).await;
-        let late = decide();
+        let late = q.decide();
         at(2.9).await;
         drop(frozen);
 
@@ -540,7 +557,7 @@ fn each_decision_of_a_batch_gets_its_whole_timeout() {
             "the call outlived `early`'s deadline for `late`: {late:?}"
         );
         assert_eq!(
-            evalsha_calls(&server) - calls_before,
+            q.calls(),
             4 + 1,
             "the four calls, then `early` and `late` in one"
         );
