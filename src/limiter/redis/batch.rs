@@ -445,17 +445,19 @@ async fn flush(mut slot: InFlight) {
             (batch, expired)
         };
         time_out(expired);
-        let mut waiters = Vec::with_capacity(batch.len());
-        let reqs: Vec<Request> = batch
+        let (reqs, mut waiters): (Vec<Request>, Vec<Waiter>) = batch
             .into_iter()
             .map(|p| {
-                waiters.push(Waiter {
-                    deadline: p.deadline,
-                    reply: Some(p.reply),
-                });
-                p.req
+                let reply = Some(p.reply);
+                (
+                    p.req,
+                    Waiter {
+                        deadline: p.deadline,
+                        reply,
+                    },
+                )
             })
-            .collect();
+            .unzip();
         let refs: Vec<&Request> = reqs.iter().collect();
         let mut conn = shared.conn.clone();
         let result = by_deadlines(call(&mut conn, &shared.script, &refs), &mut waiters).await;
