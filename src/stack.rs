@@ -20,8 +20,8 @@
 //! futures.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -171,7 +171,7 @@ impl Gate {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared_len.is_some_and(|n| n > cfg.server.max_body_bytes) {
-            return Err(self.refuse(live, ProxyError::BodyTooLarge, None, route_idx, None));
+            return Err(self.refuse(live, conn, ProxyError::BodyTooLarge, None, route_idx, None));
         }
         let peer = conn.peer;
         let ip = client_ip(peer, req.headers(), &cfg.server.trusted_proxies);
@@ -203,7 +203,7 @@ impl Gate {
                         route: None,
                         retry_after,
                     };
-                    return Err(self.refuse(live, err, None, route_idx, Some(&state)));
+                    return Err(self.refuse(live, conn, err, None, route_idx, Some(&state)));
                 }
             }
         }
@@ -214,7 +214,7 @@ impl Gate {
             Ok(id) => id,
             Err(e) => {
                 let state = ip_debit.as_ref().map(|(_, _, s)| s);
-                return Err(self.refuse(live, e.into(), None, route_idx, state));
+                return Err(self.refuse(live, conn, e.into(), None, route_idx, state));
             }
         };
 
@@ -259,7 +259,7 @@ impl Gate {
                     route: route.map(|r| r.name.clone()),
                     retry_after,
                 };
-                return Err(self.refuse(live, err, Some(tier), route_idx, Some(&state)));
+                return Err(self.refuse(live, conn, err, Some(tier), route_idx, Some(&state)));
             }
             Outcome::FailOpen => None,
             Outcome::Unavailable => {
@@ -268,6 +268,7 @@ impl Gate {
                 }
                 return Err(self.refuse(
                     live,
+                    conn,
                     ProxyError::LimiterUnavailable,
                     Some(tier),
                     route_idx,
@@ -295,7 +296,7 @@ impl Gate {
         set_forwarding_headers(req, conn, peer_trusted);
         let h = req.headers_mut();
         h.insert(&X_TENANT_TIER, live.tier_header(tier));
-        if let Ok(v) = HeaderValue::from_str(identity.tenant.as_str()) {
+        if let Some(v) = conn.tenant_header(&identity.tenant) {
             h.insert(&X_TENANT_ID, v);
         }
         Ok(shown)
@@ -359,7 +360,7 @@ impl Gate {
             }
         };
         if let Some(s) = state {
-            rate_limit_headers(resp.headers_mut(), s);
+            rate_limit_headers(resp.headers_mut(), s, conn);
         }
         resp
     }
@@ -367,6 +368,7 @@ impl Gate {
     fn refuse(
         &self,
         live: &Live,
+        conn: &ClientConn,
         err: ProxyError,
         tier: Option<usize>,
         route: Option<usize>,
@@ -375,7 +377,7 @@ impl Gate {
         live.counters.get(route, tier, err.decision()).inc();
         let mut resp = err.to_response().map(Either::Right);
         if let Some(s) = state {
-            rate_limit_headers(resp.headers_mut(), s);
+            rate_limit_headers(resp.headers_mut(), s, conn);
         }
         resp
     }
@@ -455,16 +457,19 @@ fn request_id() -> HeaderValue {
 }
 
 /// Adds the legacy `X-RateLimit-*` trio and the IETF structured pair,
-/// without going through `format!` (this runs on every admitted request).
-pub fn rate_limit_headers(h: &mut http::HeaderMap, s: &BucketState) {
+/// without going through `format!` (this runs on every decided request).
+/// The limit and `RateLimit-Policy` values depend only on the bucket, so
+/// they come from `conn`'s memo when its last response showed the same one.
+fn rate_limit_headers(h: &mut http::HeaderMap, s: &BucketState, conn: &ClientConn) {
     let reset = s.reset.as_secs_f64().ceil() as u64;
     let window = s.window.as_secs_f64().ceil() as u64;
+    let (limit, policy) = conn.policy_headers(s, window);
     // One growth of the map for the five, not one per insert.
     h.reserve(5);
-    h.insert(&X_RATELIMIT_LIMIT, crate::error::number(u64::from(s.burst)));
+    h.insert(&X_RATELIMIT_LIMIT, limit);
     h.insert(&X_RATELIMIT_REMAINING, crate::error::number(s.remaining));
     h.insert(&X_RATELIMIT_RESET, crate::error::number(reset));
-    if let Some(v) = structured(&s.name, b";q=", u64::from(s.burst), b";w=", window) {
+    if let Some(v) = policy {
         h.insert(&RATELIMIT_POLICY, v);
     }
     if let Some(v) = structured(&s.name, b";r=", s.remaining, b";t=", reset) {
@@ -498,6 +503,32 @@ pub struct ClientConn {
     pub upstream: Affinity,
     /// The worker's watch over this connection (its upstream deadline).
     pub watched: Arc<Watched>,
+    /// Header values this connection's last request used.
+    memo: Mutex<Memo>,
+}
+
+/// Header values kept from a connection's last request for its next one.
+/// A keep-alive connection nearly always carries one tenant limited by one
+/// bucket, so its `X-Tenant-Id`, `X-RateLimit-Limit` and `RateLimit-Policy`
+/// values repeat; reusing one is a reference-count increment where making
+/// it is an allocation, its formatting and validation, and a free. A
+/// connection that switches tenant or bucket makes the new values once and
+/// keeps them instead. (The lock is never contended: a connection's
+/// requests run on one worker thread.)
+#[derive(Default)]
+struct Memo {
+    tenant: Option<(TenantId, HeaderValue)>,
+    policy: Option<PolicyMemo>,
+}
+
+/// A bucket's constant header values, with what they were made from. The
+/// name is held, so a pointer match is always the same name.
+struct PolicyMemo {
+    name: Arc<str>,
+    burst: u32,
+    window: u64,
+    limit: HeaderValue,
+    policy: Option<HeaderValue>,
 }
 
 impl ClientConn {
@@ -510,6 +541,44 @@ impl ClientConn {
                 .expect("an IP address is a valid header value"),
             upstream: Affinity::new(held),
             watched,
+            memo: Mutex::default(),
         }
+    }
+
+    /// `tenant` as an `X-Tenant-Id` value (`None`: not a valid header value,
+    /// which a valid tenant id always is).
+    fn tenant_header(&self, tenant: &TenantId) -> Option<HeaderValue> {
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((t, v)) = &memo.tenant
+            && t == tenant
+        {
+            return Some(v.clone());
+        }
+        let v = HeaderValue::from_str(tenant.as_str()).ok()?;
+        memo.tenant = Some((tenant.clone(), v.clone()));
+        Some(v)
+    }
+
+    /// The `X-RateLimit-Limit` and `RateLimit-Policy` values of `s`, whose
+    /// window is `window` whole seconds.
+    fn policy_headers(&self, s: &BucketState, window: u64) -> (HeaderValue, Option<HeaderValue>) {
+        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = &memo.policy
+            && Arc::ptr_eq(&m.name, &s.name)
+            && m.burst == s.burst
+            && m.window == window
+        {
+            return (m.limit.clone(), m.policy.clone());
+        }
+        let limit = crate::error::number(u64::from(s.burst));
+        let policy = structured(&s.name, b";q=", u64::from(s.burst), b";w=", window);
+        memo.policy = Some(PolicyMemo {
+            name: s.name.clone(),
+            burst: s.burst,
+            window,
+            limit: limit.clone(),
+            policy: policy.clone(),
+        });
+        (limit, policy)
     }
 }

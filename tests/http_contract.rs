@@ -27,9 +27,11 @@ upstream:
 tiers:
   free:       {{ rate: 1/m, burst: 100 }}
   enterprise: {{ rate: 1/m, burst: 500 }}
+  twice:      {{ rate: 2/m, burst: 100 }}
 default_tier: free
 tenants:
   acme: {{ tier: enterprise }}
+  carol: {{ tier: twice }}
 "#
     )
 }
@@ -474,6 +476,59 @@ async fn h2c_prior_knowledge_is_served_with_rate_limit_headers() {
     let seen = up.last().expect("upstream saw it");
     assert_eq!(seen.header("x-tenant-id"), Some("acme"));
     assert_eq!(seen.header("x-tenant-tier"), Some("enterprise"));
+}
+
+/// One keep-alive connection carrying several tenants gets each request's
+/// own tenant and bucket headers: tiergate keeps the last request's
+/// `X-Tenant-Id`, `X-RateLimit-Limit` and `RateLimit-Policy` values per
+/// connection, and must not show them for a different tenant, burst or
+/// window. `bob` (free) and `carol` (twice) share the bucket name and
+/// burst, and differ only in window.
+///
+/// Why: SPEC §3/§5 — the upstream trusts `X-Tenant-Id`, and clients pace
+/// themselves by the policy they are shown.
+#[tokio::test]
+async fn one_connection_carrying_several_tenants_shows_each_its_own() {
+    let up = Upstream::start();
+    let tg = Tiergate::start(&config(&up.url(), "", ""));
+    let stream = tokio::net::TcpStream::connect(tg.proxy_addr())
+        .await
+        .expect("connect to tiergate");
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .expect("HTTP/1 handshake");
+    tokio::spawn(conn);
+    let steps = [
+        ("acme", "enterprise", "500", r#""tenant";q=500;w=30000"#),
+        ("bob", "free", "100", r#""tenant";q=100;w=6000"#),
+        ("carol", "twice", "100", r#""tenant";q=100;w=3000"#),
+        ("acme", "enterprise", "500", r#""tenant";q=500;w=30000"#),
+        ("bob", "free", "100", r#""tenant";q=100;w=6000"#),
+    ];
+    for (i, (tenant, tier, limit, policy)) in steps.into_iter().enumerate() {
+        let req = http::Request::get(format!("{}/step{i}", tg.proxy_url()))
+            .header("host", "tiergate")
+            .header("x-tenant-id", tenant)
+            .body(http_body_util::Empty::<Bytes>::new())
+            .expect("request");
+        let resp = send
+            .send_request(req)
+            .await
+            .expect("response on the connection");
+        assert_eq!(resp.status(), 200, "step {i} ({tenant})");
+        let h = resp.headers();
+        let got = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
+        assert_eq!(got("x-ratelimit-limit"), limit, "step {i} ({tenant})");
+        assert_eq!(got("ratelimit-policy"), policy, "step {i} ({tenant})");
+        let seen = up.last().expect("upstream saw it");
+        assert_eq!(seen.header_all("x-tenant-id"), vec![tenant], "step {i}");
+        assert_eq!(seen.header_all("x-tenant-tier"), vec![tier], "step {i}");
+        http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .expect("body");
+    }
+    assert_eq!(up.count(), steps.len());
 }
 
 /// The admin listener answers `/healthz`, `/readyz` (memory backend,
