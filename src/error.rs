@@ -240,7 +240,12 @@ pub fn number(n: u64) -> HeaderValue {
     });
     match table.get(n as usize) {
         Some(v) if n < SMALL => v.clone(),
-        _ => HeaderValue::from(n),
+        // One allocation of exactly the digits: `HeaderValue::from(u64)`
+        // makes two (a 20-byte buffer, then a record of its spare room).
+        _ => HeaderValue::from_maybe_shared(Bytes::copy_from_slice(
+            itoa::Buffer::new().format(n).as_bytes(),
+        ))
+        .unwrap_or_else(|_| HeaderValue::from(n)),
     }
 }
 
