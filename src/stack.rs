@@ -458,23 +458,32 @@ fn request_id() -> HeaderValue {
 
 /// Adds the legacy `X-RateLimit-*` trio and the IETF structured pair,
 /// without going through `format!` (this runs on every decided request).
-/// The limit and `RateLimit-Policy` values depend only on the bucket, so
-/// they come from `conn`'s memo when its last response showed the same one.
+/// The values come from `conn`'s memo when its last response showed the
+/// same bucket in the same state (see [`Memo`]).
 fn rate_limit_headers(h: &mut http::HeaderMap, s: &BucketState, conn: &ClientConn) {
-    let reset = s.reset.as_secs_f64().ceil() as u64;
-    let window = s.window.as_secs_f64().ceil() as u64;
-    let (limit, policy) = conn.policy_headers(s, window);
+    let v = conn.rate_limit_values(s);
     // One growth of the map for the five, not one per insert.
     h.reserve(5);
-    h.insert(&X_RATELIMIT_LIMIT, limit);
-    h.insert(&X_RATELIMIT_REMAINING, crate::error::number(s.remaining));
-    h.insert(&X_RATELIMIT_RESET, crate::error::number(reset));
-    if let Some(v) = policy {
-        h.insert(&RATELIMIT_POLICY, v);
+    h.insert(&X_RATELIMIT_LIMIT, v.limit);
+    h.insert(&X_RATELIMIT_REMAINING, v.remaining);
+    h.insert(&X_RATELIMIT_RESET, v.reset);
+    if let Some(p) = v.policy {
+        h.insert(&RATELIMIT_POLICY, p);
     }
-    if let Some(v) = structured(&s.name, b";r=", s.remaining, b";t=", reset) {
-        h.insert(&RATELIMIT, v);
+    if let Some(r) = v.ratelimit {
+        h.insert(&RATELIMIT, r);
     }
+}
+
+/// The five rate-limit header values of one bucket state.
+#[derive(Clone)]
+struct RateLimitValues {
+    limit: HeaderValue,
+    remaining: HeaderValue,
+    reset: HeaderValue,
+    /// `None` only for a bucket name that is not a valid header value.
+    policy: Option<HeaderValue>,
+    ratelimit: Option<HeaderValue>,
 }
 
 /// `"<name>"<ka><a><kb><b>`, e.g. `"tenant";r=9;t=1`.
@@ -510,25 +519,30 @@ pub struct ClientConn {
 /// Header values kept from a connection's last request for its next one.
 /// A keep-alive connection nearly always carries one tenant limited by one
 /// bucket, so its `X-Tenant-Id`, `X-RateLimit-Limit` and `RateLimit-Policy`
-/// values repeat; reusing one is a reference-count increment where making
-/// it is an allocation, its formatting and validation, and a free. A
-/// connection that switches tenant or bucket makes the new values once and
-/// keeps them instead. (The lock is never contended: a connection's
-/// requests run on one worker thread.)
+/// values repeat; and a tenant under its limit finds its bucket as full at
+/// each request as at the last, so the remaining count, the reset and the
+/// `RateLimit` value repeat too. Reusing a value is a reference-count
+/// increment where making it is an allocation, its formatting and
+/// validation, and a free. A connection that switches tenant, bucket or
+/// state makes the new values once and keeps them instead. (The lock is
+/// never contended: a connection's requests run on one worker thread.)
 #[derive(Default)]
 struct Memo {
     tenant: Option<(TenantId, HeaderValue)>,
-    policy: Option<PolicyMemo>,
+    shown: Option<ShownMemo>,
 }
 
-/// A bucket's constant header values, with what they were made from. The
-/// name is held, so a pointer match is always the same name.
-struct PolicyMemo {
+/// The rate-limit header values last shown, with what they were made
+/// from. The name is held, so a pointer match is always the same name.
+struct ShownMemo {
     name: Arc<str>,
     burst: u32,
+    /// Whole seconds, as shown.
     window: u64,
-    limit: HeaderValue,
-    policy: Option<HeaderValue>,
+    remaining: u64,
+    /// Whole seconds, as shown.
+    reset: u64,
+    values: RateLimitValues,
 }
 
 impl ClientConn {
@@ -559,26 +573,41 @@ impl ClientConn {
         Some(v)
     }
 
-    /// The `X-RateLimit-Limit` and `RateLimit-Policy` values of `s`, whose
-    /// window is `window` whole seconds.
-    fn policy_headers(&self, s: &BucketState, window: u64) -> (HeaderValue, Option<HeaderValue>) {
+    /// The rate-limit header values of `s`: from the memo where it shows
+    /// the same bucket (the limit and policy) in the same state (the rest).
+    fn rate_limit_values(&self, s: &BucketState) -> RateLimitValues {
+        let reset = s.reset.as_secs_f64().ceil() as u64;
+        let window = s.window.as_secs_f64().ceil() as u64;
         let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = &memo.policy
-            && Arc::ptr_eq(&m.name, &s.name)
-            && m.burst == s.burst
-            && m.window == window
-        {
-            return (m.limit.clone(), m.policy.clone());
+        let same_bucket = memo.shown.as_ref().is_some_and(|m| {
+            Arc::ptr_eq(&m.name, &s.name) && m.burst == s.burst && m.window == window
+        });
+        if let Some(m) = memo.shown.as_mut().filter(|_| same_bucket) {
+            if m.remaining != s.remaining || m.reset != reset {
+                m.remaining = s.remaining;
+                m.reset = reset;
+                m.values.remaining = crate::error::number(s.remaining);
+                m.values.reset = crate::error::number(reset);
+                m.values.ratelimit = structured(&s.name, b";r=", s.remaining, b";t=", reset);
+            }
+            return m.values.clone();
         }
-        let limit = crate::error::number(u64::from(s.burst));
-        let policy = structured(&s.name, b";q=", u64::from(s.burst), b";w=", window);
-        memo.policy = Some(PolicyMemo {
+        let burst = u64::from(s.burst);
+        let values = RateLimitValues {
+            limit: crate::error::number(burst),
+            remaining: crate::error::number(s.remaining),
+            reset: crate::error::number(reset),
+            policy: structured(&s.name, b";q=", burst, b";w=", window),
+            ratelimit: structured(&s.name, b";r=", s.remaining, b";t=", reset),
+        };
+        memo.shown = Some(ShownMemo {
             name: s.name.clone(),
             burst: s.burst,
             window,
-            limit: limit.clone(),
-            policy: policy.clone(),
+            remaining: s.remaining,
+            reset,
+            values: values.clone(),
         });
-        (limit, policy)
+        values
     }
 }

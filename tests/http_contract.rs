@@ -480,10 +480,10 @@ async fn h2c_prior_knowledge_is_served_with_rate_limit_headers() {
 
 /// One keep-alive connection carrying several tenants gets each request's
 /// own tenant and bucket headers: tiergate keeps the last request's
-/// `X-Tenant-Id`, `X-RateLimit-Limit` and `RateLimit-Policy` values per
-/// connection, and must not show them for a different tenant, burst or
-/// window. `bob` (free) and `carol` (twice) share the bucket name and
-/// burst, and differ only in window.
+/// `X-Tenant-Id` and rate-limit header values per connection, and must not
+/// show them for a different tenant, burst, window or bucket state. `bob`
+/// (free) and `carol` (twice) share the bucket name and burst, and differ
+/// only in window; `acme` comes twice in a row, one token apart.
 ///
 /// Why: SPEC §3/§5 — the upstream trusts `X-Tenant-Id`, and clients pace
 /// themselves by the policy they are shown.
@@ -500,13 +500,32 @@ async fn one_connection_carrying_several_tenants_shows_each_its_own() {
             .expect("HTTP/1 handshake");
     tokio::spawn(conn);
     let steps = [
-        ("acme", "enterprise", "500", r#""tenant";q=500;w=30000"#),
-        ("bob", "free", "100", r#""tenant";q=100;w=6000"#),
-        ("carol", "twice", "100", r#""tenant";q=100;w=3000"#),
-        ("acme", "enterprise", "500", r#""tenant";q=500;w=30000"#),
-        ("bob", "free", "100", r#""tenant";q=100;w=6000"#),
+        (
+            "acme",
+            "enterprise",
+            "500",
+            r#""tenant";q=500;w=30000"#,
+            499,
+        ),
+        ("bob", "free", "100", r#""tenant";q=100;w=6000"#, 99),
+        ("carol", "twice", "100", r#""tenant";q=100;w=3000"#, 99),
+        (
+            "acme",
+            "enterprise",
+            "500",
+            r#""tenant";q=500;w=30000"#,
+            498,
+        ),
+        (
+            "acme",
+            "enterprise",
+            "500",
+            r#""tenant";q=500;w=30000"#,
+            497,
+        ),
+        ("bob", "free", "100", r#""tenant";q=100;w=6000"#, 98),
     ];
-    for (i, (tenant, tier, limit, policy)) in steps.into_iter().enumerate() {
+    for (i, (tenant, tier, limit, policy, remaining)) in steps.into_iter().enumerate() {
         let req = http::Request::get(format!("{}/step{i}", tg.proxy_url()))
             .header("host", "tiergate")
             .header("x-tenant-id", tenant)
@@ -521,6 +540,13 @@ async fn one_connection_carrying_several_tenants_shows_each_its_own() {
         let got = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).unwrap_or("");
         assert_eq!(got("x-ratelimit-limit"), limit, "step {i} ({tenant})");
         assert_eq!(got("ratelimit-policy"), policy, "step {i} ({tenant})");
+        assert_eq!(
+            got("x-ratelimit-remaining"),
+            remaining.to_string(),
+            "step {i} ({tenant})"
+        );
+        let state = format!(r#""tenant";r={remaining};t="#);
+        assert!(got("ratelimit").starts_with(&state), "step {i}: {h:?}");
         let seen = up.last().expect("upstream saw it");
         assert_eq!(seen.header_all("x-tenant-id"), vec![tenant], "step {i}");
         assert_eq!(seen.header_all("x-tenant-tier"), vec![tier], "step {i}");
