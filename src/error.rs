@@ -240,13 +240,49 @@ pub fn number(n: u64) -> HeaderValue {
     });
     match table.get(n as usize) {
         Some(v) if n < SMALL => v.clone(),
-        // One allocation of exactly the digits: `HeaderValue::from(u64)`
-        // makes two (a 20-byte buffer, then a record of its spare room).
-        _ => HeaderValue::from_maybe_shared(Bytes::copy_from_slice(
-            itoa::Buffer::new().format(n).as_bytes(),
-        ))
-        .unwrap_or_else(|_| HeaderValue::from(n)),
+        _ => shared_value(&[itoa::Buffer::new().format(n).as_bytes()])
+            .unwrap_or_else(|| HeaderValue::from(n)),
     }
+}
+
+/// Room for a value made by [`shared_value`] in its one allocation.
+const INLINE: usize = 48;
+
+/// Up to [`INLINE`] bytes, held in place.
+struct Inline {
+    len: usize,
+    buf: [u8; INLINE],
+}
+
+impl AsRef<[u8]> for Inline {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// `parts` joined as a header value that is shared from the start (`None`:
+/// not a valid header value). A value made from a `Vec` allocates again
+/// on its first clone, to start counting references; one made up to
+/// [`INLINE`] bytes long here allocates once, and its clones never do,
+/// which is what a value kept for reuse needs. Longer values take the
+/// `Vec` path.
+pub fn shared_value(parts: &[&[u8]]) -> Option<HeaderValue> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let bytes = if len <= INLINE {
+        let mut v = Inline {
+            len,
+            buf: [0; INLINE],
+        };
+        let mut at = 0;
+        for p in parts {
+            v.buf[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        }
+        Bytes::from_owner(v)
+    } else {
+        Bytes::from(parts.concat())
+    };
+    HeaderValue::from_maybe_shared(bytes).ok()
 }
 
 /// Numbers [`number`] keeps ready.
@@ -275,6 +311,21 @@ mod tests {
         ] {
             assert_eq!(number(n), HeaderValue::from(n), "{n}");
         }
+    }
+
+    #[test]
+    fn shared_values_read_as_their_parts_joined() {
+        let long = "x".repeat(INLINE);
+        for parts in [
+            &[][..],
+            &[&b"\"tenant\""[..], b";q=", b"100"][..],
+            &[long.as_bytes(), b";r=1"][..],
+        ] {
+            let v = shared_value(parts).expect("valid");
+            assert_eq!(v.as_bytes(), parts.concat(), "{parts:?}");
+            assert_eq!(v.clone(), v);
+        }
+        assert!(shared_value(&[b"a\nb"]).is_none(), "a newline is refused");
     }
 
     async fn body_of(e: ProxyError) -> String {

@@ -486,20 +486,20 @@ struct RateLimitValues {
     ratelimit: Option<HeaderValue>,
 }
 
-/// `"<name>"<ka><a><kb><b>`, e.g. `"tenant";r=9;t=1`.
+/// `"<name>"<ka><a><kb><b>`, e.g. `"tenant";r=9;t=1`, shared from the
+/// start (see [`crate::error::shared_value`]).
 fn structured(name: &str, ka: &[u8], a: u64, kb: &[u8], b: u64) -> Option<HeaderValue> {
     let mut fa = itoa::Buffer::new();
     let mut fb = itoa::Buffer::new();
-    let (a, b) = (fa.format(a).as_bytes(), fb.format(b).as_bytes());
-    let mut v = Vec::with_capacity(name.len() + 2 + ka.len() + a.len() + kb.len() + b.len());
-    v.push(b'"');
-    v.extend_from_slice(name.as_bytes());
-    v.push(b'"');
-    v.extend_from_slice(ka);
-    v.extend_from_slice(a);
-    v.extend_from_slice(kb);
-    v.extend_from_slice(b);
-    HeaderValue::from_maybe_shared(Bytes::from(v)).ok()
+    crate::error::shared_value(&[
+        b"\"",
+        name.as_bytes(),
+        b"\"",
+        ka,
+        fa.format(a).as_bytes(),
+        kb,
+        fb.format(b).as_bytes(),
+    ])
 }
 
 /// What the request path knows of the client connection a request came on.
@@ -568,7 +568,7 @@ impl ClientConn {
         {
             return Some(v.clone());
         }
-        let v = HeaderValue::from_str(tenant.as_str()).ok()?;
+        let v = crate::error::shared_value(&[tenant.as_str().as_bytes()])?;
         memo.tenant = Some((tenant.clone(), v.clone()));
         Some(v)
     }
