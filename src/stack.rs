@@ -517,11 +517,12 @@ pub struct ClientConn {
 }
 
 /// Header values kept from a connection's last request for its next one.
-/// A keep-alive connection nearly always carries one tenant limited by one
-/// bucket, so its `X-Tenant-Id`, `X-RateLimit-Limit` and `RateLimit-Policy`
-/// values repeat; and a tenant under its limit finds its bucket as full at
-/// each request as at the last, so the remaining count, the reset and the
-/// `RateLimit` value repeat too. Reusing a value is a reference-count
+/// A client's keep-alive connection usually carries one tenant limited by
+/// one bucket, so its `X-Tenant-Id`, `X-RateLimit-Limit` and
+/// `RateLimit-Policy` values repeat; and a tenant requesting more slowly
+/// than its bucket refills finds it as full at each request as at the
+/// last, so the remaining count, the reset and the `RateLimit` value
+/// repeat too. Reusing a value is a reference-count
 /// increment where making it is an allocation, its formatting and
 /// validation, and a free. A connection that switches tenant, bucket or
 /// state makes the new values once and keeps them instead. (The lock is
