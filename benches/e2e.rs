@@ -18,6 +18,19 @@
 //! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time) |
 //! | `E2E_TARGETS` | all | comma-separated substrings of target names to run |
 //! | `E2E_BASELINE_BIN` | unset | another tiergate build (e.g. the last release) to run as `baseline memory` / `baseline redis` next to this one, for before/after ratios from one run |
+//! | `E2E_PAIRS` | unset | instead of rounds: this many *pairs* per comparison (see below) |
+//!
+//! **Pairs.** On a shared VM the host's speed drifts by tens of percent
+//! within minutes, and in a round of six targets the reference may have
+//! run 40 s before the target it is compared with. With `E2E_PAIRS=N`
+//! each comparison is instead N pairs of back-to-back runs of the two
+//! targets, the order alternating, and the table shows the median of the
+//! per-pair ratios, their range and how many pairs favour the subject:
+//! drift between pairs cancels out, and the spread is visible. The
+//! comparisons are every target against nginx + `limit_req`, the redis
+//! backend against the memory backend (the issue's redis target), and
+//! each tiergate backend against its baseline when `E2E_BASELINE_BIN` is
+//! set.
 //!
 //! Everything runs on 127.0.0.1 on free ports, in a temp dir; every child
 //! process (nginx, haproxy, redis-server, tiergate, wrk) is killed on exit,
@@ -62,6 +75,8 @@ struct Settings {
     tenants: u32,
     flood_rate: u32,
     good_delay_ms: u64,
+    /// Pairs per comparison; `None`: interleaved rounds.
+    pairs: Option<usize>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -138,6 +153,16 @@ impl Settings {
             tenants: num("E2E_TENANTS", "100000")?.min(10_000_000) as u32,
             flood_rate: num("E2E_FLOOD_RATE", "100")?.min(1_000_000) as u32,
             good_delay_ms: num("E2E_GOOD_DELAY_MS", "10")?.min(10_000),
+            pairs: match std::env::var("E2E_PAIRS") {
+                Ok(v) if !v.trim().is_empty() => Some(
+                    v.trim()
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| (1..=50).contains(n))
+                        .ok_or("E2E_PAIRS: want 1..=50")?,
+                ),
+                _ => None,
+            },
         })
     }
 
@@ -227,17 +252,19 @@ fn run(s: &Settings, tmp: &Path) {
     }
 
     println!(
-        "e2e: mode={:?} duration={:?} conns={:?} rounds={} cores={} upstream={}",
+        "e2e: mode={:?} duration={:?} conns={:?} {} cores={} upstream={}",
         s.mode,
         s.duration,
         s.conns,
-        s.rounds,
+        s.pairs
+            .map_or(format!("rounds={}", s.rounds), |n| format!("pairs={n}")),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         upstream.describe()
     );
     println!("e2e: tiergate binary {BIN}");
     let scripts = Scripts::write(tmp, s);
     match s.mode {
+        Mode::Allowed | Mode::Tenants if s.pairs.is_some() => pairs(s, &mut list, &scripts),
         Mode::Allowed | Mode::Tenants => throughput(s, &mut list, &scripts),
         Mode::Flood => flood(s, &mut list, &scripts),
     }
@@ -350,11 +377,28 @@ fn check_alive(t: &mut Target, dead: &mut Vec<&'static str>) -> bool {
     true
 }
 
-fn throughput(s: &Settings, list: &mut [Target], scripts: &Scripts) {
-    let script = match s.mode {
+/// The wrk script (and its arguments) of a throughput mode.
+fn throughput_script(s: &Settings, scripts: &Scripts) -> (PathBuf, Vec<String>) {
+    match s.mode {
         Mode::Tenants => (scripts.many.clone(), vec![scripts.tenants.to_string()]),
         _ => (scripts.one.clone(), vec![]),
-    };
+    }
+}
+
+/// One measured `wrk -t2` run of `conns` connections against `port`.
+fn load(s: &Settings, port: u16, conns: usize, script: &(PathBuf, Vec<String>)) -> WrkRun {
+    WrkRun {
+        threads: 2,
+        conns,
+        duration: s.duration,
+        port,
+        script: Some(script.clone()),
+        headers: vec![],
+    }
+}
+
+fn throughput(s: &Settings, list: &mut [Target], scripts: &Scripts) {
+    let script = throughput_script(s, scripts);
     warm_up(s, list, &script);
     let mut samples: BTreeMap<(usize, usize), Vec<Sample>> = BTreeMap::new();
     let mut dead = Vec::new();
@@ -367,15 +411,7 @@ fn throughput(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                 if !check_alive(t, &mut dead) {
                     continue;
                 }
-                let run = WrkRun {
-                    threads: 2,
-                    conns,
-                    duration: s.duration,
-                    port: t.port,
-                    script: Some(script.clone()),
-                    headers: vec![],
-                };
-                match measure(t, &run) {
+                match measure(t, &load(s, t.port, conns, &script)) {
                     Ok(smp) => {
                         eprintln!(
                             "round {}/{} c{:<4} {:<20} {:>9.0} req/s  p50 {:>8}  p99 {:>8}  non-2xx {}  cpu {:.1} us/req  other load {:.2} cores",
@@ -440,6 +476,134 @@ fn throughput(s: &Settings, list: &mut [Target], scripts: &Scripts) {
          percentiles; `other load` is the cores used meanwhile by processes outside this bench: \
          above ~0.1 the numbers are disturbed)",
         s.rounds,
+        s.duration.as_secs()
+    );
+}
+
+/// The comparisons of pairs mode, as (reference, subject) indexes into
+/// the target list: every target against nginx + `limit_req`, redis
+/// against memory, and each backend against its baseline.
+fn comparisons(list: &[Target]) -> Vec<(usize, usize)> {
+    let at = |name: &str| list.iter().position(|t| t.name == name);
+    let mut out = Vec::new();
+    if let Some(r) = at(REFERENCE) {
+        out.extend((0..list.len()).filter(|&i| i != r).map(|i| (r, i)));
+    }
+    for (a, b) in [
+        ("tiergate memory", "tiergate redis"),
+        ("baseline memory", "tiergate memory"),
+        ("baseline redis", "tiergate redis"),
+    ] {
+        if let (Some(a), Some(b)) = (at(a), at(b)) {
+            out.push((a, b));
+        }
+    }
+    out
+}
+
+/// The median of `v` (sorted in place); 0 for none.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Pairs mode (see the module docs): back-to-back runs of two targets,
+/// order alternating, summarised by the median per-pair ratio.
+fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
+    let script = throughput_script(s, scripts);
+    warm_up(s, list, &script);
+    let n = s.pairs.unwrap_or(1);
+    let cmps = comparisons(list);
+    if cmps.is_empty() {
+        println!("e2e: pairs need two comparable targets (e.g. {REFERENCE} and tiergate memory)");
+        return;
+    }
+    // Per (conns, comparison): each pair's (reference, subject) samples.
+    let mut done: BTreeMap<(usize, usize), Vec<(Sample, Sample)>> = BTreeMap::new();
+    let mut dead = Vec::new();
+    for &conns in &s.conns {
+        for (c, &(a, b)) in cmps.iter().enumerate() {
+            for p in 0..n {
+                let order = if p % 2 == 0 { [a, b] } else { [b, a] };
+                let mut got: [Option<Sample>; 2] = [None, None];
+                for i in order {
+                    let t = &mut list[i];
+                    if !check_alive(t, &mut dead) {
+                        break;
+                    }
+                    match measure(t, &load(s, t.port, conns, &script)) {
+                        Ok(smp) => got[usize::from(i == b)] = Some(smp),
+                        Err(e) => eprintln!("{} c{conns}: {e}", t.name),
+                    }
+                    pause();
+                }
+                if let [Some(ra), Some(rb)] = got {
+                    eprintln!(
+                        "pair {}/{n} c{conns:<4} {:<20} {:>9.0} req/s {:>5.1} us/req | {:<20} {:>9.0} req/s {:>5.1} us/req | ratio {:.3}",
+                        p + 1,
+                        list[a].name,
+                        ra.r.rps,
+                        ra.cpu_us_per_req,
+                        list[b].name,
+                        rb.r.rps,
+                        rb.cpu_us_per_req,
+                        rb.r.rps / ra.r.rps.max(1.0)
+                    );
+                    done.entry((conns, c)).or_default().push((ra, rb));
+                }
+            }
+        }
+    }
+
+    println!();
+    println!(
+        "| subject | against | conns | pairs | req/s ratio (median) | min–max | pairs in favour | CPU µs/req (medians) | p99 (medians) | non-2xx |"
+    );
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for &conns in &s.conns {
+        for (c, &(a, b)) in cmps.iter().enumerate() {
+            let Some(v) = done.get(&(conns, c)) else {
+                continue;
+            };
+            let mut ratios: Vec<f64> = v
+                .iter()
+                .map(|(ra, rb)| rb.r.rps / ra.r.rps.max(1.0))
+                .collect();
+            let favour = ratios.iter().filter(|&&r| r > 1.0).count();
+            let med = median(&mut ratios);
+            let col = |f: &dyn Fn(&(Sample, Sample)) -> f64| {
+                median(&mut v.iter().map(f).collect::<Vec<_>>())
+            };
+            println!(
+                "| {} | {} | {} | {} | {:.2} | {:.2}–{:.2} | {} of {} | {:.1} vs {:.1} | {} vs {} | {} |",
+                list[b].name,
+                list[a].name,
+                conns,
+                v.len(),
+                med,
+                ratios[0],
+                ratios[ratios.len() - 1],
+                favour,
+                v.len(),
+                col(&|(_, rb)| rb.cpu_us_per_req),
+                col(&|(ra, _)| ra.cpu_us_per_req),
+                fmt_us(col(&|(_, rb)| rb.r.p99_us)),
+                fmt_us(col(&|(ra, _)| ra.r.p99_us)),
+                v.iter()
+                    .map(|(ra, rb)| ra.r.non2xx + rb.r.non2xx)
+                    .sum::<u64>(),
+            );
+        }
+    }
+    println!();
+    println!(
+        "(each pair: `wrk -t2 -cN -d{}s --latency` on the two targets back to back, order \
+         alternating; the ratio is subject req/s over the other's; CPU and p99 are the medians \
+         of the subject's and the other's runs)",
         s.duration.as_secs()
     );
 }
