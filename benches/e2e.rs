@@ -18,7 +18,7 @@
 //! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time) |
 //! | `E2E_TARGETS` | all | comma-separated substrings of target names to run |
 //! | `E2E_BASELINE_BIN` | unset | another tiergate build (e.g. the last release) to run as `baseline memory` / `baseline redis` next to this one, for before/after ratios from one run |
-//! | `E2E_PAIRS` | unset | instead of rounds: this many *pairs* per comparison (see below) |
+//! | `E2E_PAIRS` | unset | allowed and tenants modes: this many *pairs* per comparison instead of rounds (see below) |
 //!
 //! **Pairs.** On a shared VM the host's speed drifts by tens of percent
 //! within minutes, and in a round of six targets the reference may have
@@ -256,8 +256,10 @@ fn run(s: &Settings, tmp: &Path) {
         s.mode,
         s.duration,
         s.conns,
-        s.pairs
-            .map_or(format!("rounds={}", s.rounds), |n| format!("pairs={n}")),
+        match s.pairs {
+            Some(n) if s.mode != Mode::Flood => format!("pairs={n}"),
+            _ => format!("rounds={}", s.rounds),
+        },
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         upstream.describe()
     );
