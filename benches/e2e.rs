@@ -563,9 +563,9 @@ fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
 
     println!();
     println!(
-        "| subject | against | conns | pairs | req/s ratio (median) | min–max | pairs in favour | CPU µs/req (medians) | p99 (medians) | non-2xx |"
+        "| subject | against | conns | pairs | req/s ratio (median) | min–max | pairs in favour | CPU µs/req (medians) | p99 (medians) | non-2xx | other load |"
     );
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &conns in &s.conns {
         for (c, &(a, b)) in cmps.iter().enumerate() {
             let Some(v) = done.get(&(conns, c)) else {
@@ -581,7 +581,7 @@ fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                 median(&mut v.iter().map(f).collect::<Vec<_>>())
             };
             println!(
-                "| {} | {} | {} | {} | {:.2} | {:.2}–{:.2} | {} of {} | {:.1} vs {:.1} | {} vs {} | {} |",
+                "| {} | {} | {} | {} | {:.2} | {:.2}–{:.2} | {} of {} | {:.1} vs {:.1} | {} vs {} | {} | {:.2} |",
                 list[b].name,
                 list[a].name,
                 conns,
@@ -598,6 +598,7 @@ fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                 v.iter()
                     .map(|(ra, rb)| ra.r.non2xx + rb.r.non2xx)
                     .sum::<u64>(),
+                col(&|(ra, rb)| ra.foreign.max(rb.foreign)),
             );
         }
     }
@@ -605,7 +606,8 @@ fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
     println!(
         "(each pair: `wrk -t2 -cN -d{}s --latency` on the two targets back to back, order \
          alternating; the ratio is subject req/s over the other's; CPU and p99 are the medians \
-         of the subject's and the other's runs)",
+         of the subject's and the other's runs; `other load` is the median over pairs of the \
+         cores used by processes outside this bench: above ~0.1 the pairs are disturbed)",
         s.duration.as_secs()
     );
 }
