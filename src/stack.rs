@@ -77,24 +77,40 @@ impl Gate {
 
     /// Handles one request that came on `conn`, writing the access log line when
     /// `server.access_log` is on.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ClientConn) -> Response<ProxyBody> {
+    ///
+    /// hyper moves this future into place for every request, so its size
+    /// is paid per request: the access-log data sits behind one pointer
+    /// (nothing when the log is off), and steps 1-6 (`admit`) and the
+    /// upstream call (`forward`) each have one call site here rather than
+    /// a layer of their own.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ClientConn,
+    ) -> Response<ProxyBody> {
         // One snapshot of the config for the whole request.
         let live = self.app.live.load_full();
-        // One `decide` call site: the future is large, and hyper moves it
-        // into place for every request (two call sites made it twice as
-        // large to move).
-        let logged = live.policy.config().server.access_log.then(|| {
-            (
-                Instant::now(),
-                req.method().clone(),
-                req.uri().path().to_owned(),
-            )
+        let mut logged = live.policy.config().server.access_log.then(|| {
+            Box::new(Logged {
+                started: Instant::now(),
+                method: req.method().clone(),
+                path: req.uri().path().to_owned(),
+                record: AccessRecord::default(),
+            })
         });
-        let mut record = logged.as_ref().map(|_| AccessRecord::default());
-        let resp = self.decide(&live, req, conn, &mut record).await;
-        let (Some((started, method, path)), Some(r)) = (logged, record) else {
+        let mut record = logged.as_deref_mut().map(|l| &mut l.record);
+        let resp = match self.admit(&live, &mut req, conn, &mut record).await {
+            Ok(shown) => {
+                let max_body = live.policy.config().server.max_body_bytes;
+                self.forward(req, max_body, shown.as_ref(), conn, &mut record)
+                    .await
+            }
+            Err(refused) => refused,
+        };
+        let Some(l) = logged else {
             return resp;
         };
+        let r = &l.record;
         let decision = resp
             .headers()
             .get(crate::error::TIERGATE_ERROR)
@@ -104,36 +120,18 @@ impl Gate {
             target: "tiergate::access",
             request_id = r.request_id.as_deref().unwrap_or("-"),
             peer = %conn.peer.ip(),
-            method = %method,
-            path = %path,
+            method = %l.method,
+            path = %l.path,
             tenant = r.tenant.as_ref().map_or("-", |t| t.as_str()),
             tier = r.tier.as_deref().unwrap_or("-"),
             route = r.route.as_deref().unwrap_or(NO_ROUTE),
             decision,
             status = resp.status().as_u16(),
-            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            duration_ms = l.started.elapsed().as_secs_f64() * 1e3,
             upstream_ms = r.upstream_ms,
             "access"
         );
         resp
-    }
-
-    async fn decide(
-        &self,
-        live: &Live,
-        mut req: Request<Incoming>,
-        conn: &ClientConn,
-        record: &mut Option<AccessRecord>,
-    ) -> Response<ProxyBody> {
-        // Steps 1-6 in `admit`, the upstream call here: one `forward` call
-        // site keeps this future (moved into place per request) small.
-        let shown = match self.admit(live, &mut req, conn, record).await {
-            Ok(shown) => shown,
-            Err(refused) => return refused,
-        };
-        let max_body = live.policy.config().server.max_body_bytes;
-        self.forward(req, max_body, shown.as_ref(), conn, record)
-            .await
     }
 
     /// Admits `req` or returns its refusal. Admitted, the request's headers
@@ -144,7 +142,7 @@ impl Gate {
         live: &Live,
         req: &mut Request<Incoming>,
         conn: &ClientConn,
-        record: &mut Option<AccessRecord>,
+        record: &mut Option<&mut AccessRecord>,
     ) -> Result<Option<BucketState>, Response<ProxyBody>> {
         let policy = &live.policy;
         let cfg = policy.config();
@@ -308,7 +306,7 @@ impl Gate {
         limit: u64,
         state: Option<&BucketState>,
         conn: &ClientConn,
-        record: &mut Option<AccessRecord>,
+        record: &mut Option<&mut AccessRecord>,
     ) -> Response<ProxyBody> {
         if let Some(r) = record.as_mut() {
             r.request_id = req
@@ -381,6 +379,15 @@ impl Gate {
         }
         resp
     }
+}
+
+/// A request's access log line in the making: what it is known by from
+/// the start, and what the request path records on the way.
+struct Logged {
+    started: Instant,
+    method: http::Method,
+    path: String,
+    record: AccessRecord,
 }
 
 /// What the access log line needs from inside the request path.
