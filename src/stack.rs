@@ -36,7 +36,9 @@ use crate::hardening::{LimitedBody, client_ip};
 use crate::identity::TenantId;
 use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
-use crate::proxy::{Affinity, Held, Hop, Upstream, UpstreamError, is_upgrade, strip_hop_by_hop};
+use crate::proxy::{
+    Affinity, Held, Hop, Upstream, UpstreamBody, UpstreamError, is_upgrade, strip_hop_by_hop,
+};
 use crate::server::watchdog::{InFlight, Watched};
 use crate::{App, Live};
 
@@ -80,9 +82,10 @@ impl Gate {
     ///
     /// hyper moves this future into place for every request, so its size
     /// is paid per request: the access-log data sits behind one pointer
-    /// (nothing when the log is off), and steps 1-6 (`admit`) and the
-    /// upstream call (`forward`) each have one call site here rather than
-    /// a layer of their own.
+    /// (nothing when the log is off), steps 1-6 (`admit`) and the upstream
+    /// call each have one call site here, and step 7's work before and
+    /// after that call is plain functions rather than a layer of its own
+    /// (each layer keeps its own copy of the request).
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
@@ -101,9 +104,14 @@ impl Gate {
         let mut record = logged.as_deref_mut().map(|l| &mut l.record);
         let resp = match self.admit(&live, &mut req, conn, &mut record).await {
             Ok(shown) => {
-                let max_body = live.policy.config().server.max_body_bytes;
-                self.forward(req, max_body, shown.as_ref(), conn, &mut record)
-                    .await
+                // 7. upstream: one call site, and no layer of its own
+                let limit = live.policy.config().server.max_body_bytes;
+                let tripped = Arc::new(AtomicBool::new(false));
+                let req = self.upstream_request(req, limit, &tripped, conn, &mut record);
+                let started = Instant::now();
+                let affinity = Some((&conn.upstream, &*conn.watched));
+                let result = self.upstream.forward(req, &tripped, affinity).await;
+                self.upstream_response(result, started, shown.as_ref(), conn, &mut record)
             }
             Err(refused) => refused,
         };
@@ -300,14 +308,16 @@ impl Gate {
         Ok(shown)
     }
 
-    async fn forward(
+    /// Step 7, before the upstream call: `req` as the upstream gets it, its
+    /// body capped at `limit` bytes (`tripped` flips past the cap).
+    fn upstream_request(
         &self,
         req: Request<Incoming>,
         limit: u64,
-        state: Option<&BucketState>,
+        tripped: &Arc<AtomicBool>,
         conn: &ClientConn,
         record: &mut Option<&mut AccessRecord>,
-    ) -> Response<ProxyBody> {
+    ) -> Request<UpstreamBody> {
         if let Some(r) = record.as_mut() {
             r.request_id = req
                 .headers()
@@ -315,21 +325,27 @@ impl Gate {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
         }
-        let tripped = Arc::new(AtomicBool::new(false));
-        let req = req.map(|b| {
+        req.map(|b| {
             let body = LimitedBody::new(b, limit, tripped.clone());
             if body.is_end_stream() {
                 body
             } else {
                 body.in_flight(InFlight::start(conn.watched.clone()))
             }
-        });
-        let started = Instant::now();
-        let mut resp = match self
-            .upstream
-            .forward(req, &tripped, Some((&conn.upstream, &*conn.watched)))
-            .await
-        {
+        })
+    }
+
+    /// Step 7, after the upstream call (sent at `started`): the client's
+    /// response, with the rate-limit headers of `state`.
+    fn upstream_response(
+        &self,
+        result: Result<Response<Incoming>, UpstreamError>,
+        started: Instant,
+        state: Option<&BucketState>,
+        conn: &ClientConn,
+        record: &mut Option<&mut AccessRecord>,
+    ) -> Response<ProxyBody> {
+        let mut resp = match result {
             Ok(resp) => {
                 let took = started.elapsed().as_secs_f64();
                 if let Some(r) = record.as_mut() {
