@@ -18,7 +18,6 @@
 pub mod branches;
 pub mod watchdog;
 
-use std::convert::Infallible;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -177,12 +176,9 @@ pub async fn run_worker(
                     svc_state.multiplexed();
                 }
                 let in_flight = InFlight::start(svc_state.clone());
-                let client = svc_client.clone();
-                async move {
-                    let resp = gate.handle(req, &client).await;
-                    drop(in_flight);
-                    Ok::<_, Infallible>(resp)
-                }
+                // `handle`'s own future, not one wrapping it: a wrapper
+                // would keep a second copy of the request (see `handle`).
+                Gate::handle(gate, req, svc_client.clone(), in_flight)
             });
             let conn = builder.serve_connection_with_upgrades(io, svc);
             tokio::pin!(conn);

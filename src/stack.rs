@@ -19,6 +19,7 @@
 //! few lines, the order is fixed, and the hot path stays free of boxed
 //! futures.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
@@ -85,12 +86,17 @@ impl Gate {
     /// (nothing when the log is off), steps 1-6 (`admit`) and the upstream
     /// call each have one call site here, and step 7's work before and
     /// after that call is plain functions rather than a layer of its own
-    /// (each layer keeps its own copy of the request).
+    /// (each layer keeps its own copy of the request). It is also hyper's
+    /// service future itself, so it holds `_in_flight` (the watchdog's
+    /// count of the connection's requests) until the response is made,
+    /// and never fails: every error is a response.
     pub async fn handle(
-        &self,
+        self: Arc<Self>,
         mut req: Request<Incoming>,
-        conn: &ClientConn,
-    ) -> Response<ProxyBody> {
+        conn: Arc<ClientConn>,
+        _in_flight: InFlight,
+    ) -> Result<Response<ProxyBody>, Infallible> {
+        let conn = &*conn;
         // One snapshot of the config for the whole request.
         let live = self.app.live.load_full();
         let mut logged = live.policy.config().server.access_log.then(|| {
@@ -116,7 +122,7 @@ impl Gate {
             Err(refused) => refused,
         };
         let Some(l) = logged else {
-            return resp;
+            return Ok(resp);
         };
         let r = &l.record;
         let decision = resp
@@ -139,7 +145,7 @@ impl Gate {
             upstream_ms = r.upstream_ms,
             "access"
         );
-        resp
+        Ok(resp)
     }
 
     /// Admits `req` or returns its refusal. Admitted, the request's headers
