@@ -83,7 +83,7 @@ impl Gate {
     ///
     /// hyper moves this future into place for every request, so its size
     /// is paid per request: the access-log data sits behind one pointer
-    /// (nothing when the log is off), steps 1-6 (`admit`) and the upstream
+    /// (no allocation when the log is off), steps 1-6 (`admit`) and the upstream
     /// call each have one call site here, and step 7's work before and
     /// after that call is plain functions rather than a layer of its own
     /// (each layer keeps its own copy of the request). It is also hyper's
@@ -315,7 +315,9 @@ impl Gate {
     }
 
     /// Step 7, before the upstream call: `req` as the upstream gets it, its
-    /// body capped at `limit` bytes (`tripped` flips past the cap).
+    /// body capped at `limit` bytes (`tripped` flips past the cap) and, if
+    /// it has one, keeping the request in flight for the watchdog until it
+    /// ends. Records the request id for the access log.
     fn upstream_request(
         &self,
         req: Request<Incoming>,
@@ -342,7 +344,9 @@ impl Gate {
     }
 
     /// Step 7, after the upstream call (sent at `started`): the client's
-    /// response, with the rate-limit headers of `state`.
+    /// response (an upstream failure becomes the SPEC's 502, 504 or 413),
+    /// with the rate-limit headers of `state`. Observes the upstream
+    /// histogram and records the upstream time for the access log.
     fn upstream_response(
         &self,
         result: Result<Response<Incoming>, UpstreamError>,
