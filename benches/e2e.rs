@@ -348,15 +348,7 @@ fn warm_up(s: &Settings, list: &mut [Target], script: &(PathBuf, Vec<String>)) {
     let warm = s.duration.min(Duration::from_secs(2));
     let conns = s.conns.iter().copied().max().unwrap_or(64);
     for t in list.iter() {
-        let run = WrkRun {
-            threads: 2,
-            conns,
-            duration: warm,
-            port: t.port,
-            script: Some(script.clone()),
-            headers: vec![],
-        };
-        match run.run() {
+        match load(warm, t.port, conns, script).run() {
             Ok(r) => eprintln!(
                 "warm-up {:<20} {:>9.0} req/s non-2xx {}",
                 t.name, r.rps, r.non2xx
@@ -387,12 +379,12 @@ fn throughput_script(s: &Settings, scripts: &Scripts) -> (PathBuf, Vec<String>) 
     }
 }
 
-/// One measured `wrk -t2` run of `conns` connections against `port`.
-fn load(s: &Settings, port: u16, conns: usize, script: &(PathBuf, Vec<String>)) -> WrkRun {
+/// A `wrk -t2` run of `conns` connections against `port` for `duration`.
+fn load(duration: Duration, port: u16, conns: usize, script: &(PathBuf, Vec<String>)) -> WrkRun {
     WrkRun {
         threads: 2,
         conns,
-        duration: s.duration,
+        duration,
         port,
         script: Some(script.clone()),
         headers: vec![],
@@ -413,7 +405,7 @@ fn throughput(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                 if !check_alive(t, &mut dead) {
                     continue;
                 }
-                match measure(t, &load(s, t.port, conns, &script)) {
+                match measure(t, &load(s.duration, t.port, conns, &script)) {
                     Ok(smp) => {
                         eprintln!(
                             "round {}/{} c{:<4} {:<20} {:>9.0} req/s  p50 {:>8}  p99 {:>8}  non-2xx {}  cpu {:.1} us/req  other load {:.2} cores",
@@ -537,7 +529,7 @@ fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                     if !check_alive(t, &mut dead) {
                         break;
                     }
-                    match measure(t, &load(s, t.port, conns, &script)) {
+                    match measure(t, &load(s.duration, t.port, conns, &script)) {
                         Ok(smp) => got[usize::from(i == b)] = Some(smp),
                         Err(e) => eprintln!("{} c{conns}: {e}", t.name),
                     }
