@@ -17,6 +17,7 @@
 //! | `E2E_ROUNDS` | `2` | interleaved rounds; the table shows their mean |
 //! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time) |
 //! | `E2E_TARGETS` | all | comma-separated substrings of target names to run |
+//! | `E2E_TIERGATE_BIN` | this build's | the tiergate build run as `tiergate memory` / `tiergate redis` (e.g. `target/pgo/tiergate` from `scripts/pgo-build`) |
 //! | `E2E_BASELINE_BIN` | unset | another tiergate build (e.g. the last release) to run as `baseline memory` / `baseline redis` next to this one, for before/after ratios from one run |
 //! | `E2E_PAIRS` | unset | allowed and tenants modes: this many *pairs* per comparison instead of rounds (see below) |
 //!
@@ -56,6 +57,13 @@ use targets::{Limits, Target};
 use wrk::{WrkResult, WrkRun};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tiergate");
+
+/// The tiergate build under test: `E2E_TIERGATE_BIN`, else this build's.
+fn tiergate_bin() -> PathBuf {
+    std::env::var_os("E2E_TIERGATE_BIN")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(BIN), PathBuf::from)
+}
 /// The target every ratio is relative to.
 const REFERENCE: &str = "nginx+limit_req";
 
@@ -230,7 +238,7 @@ fn run(s: &Settings, tmp: &Path) {
     add("haproxy stick-table", &["haproxy"], &|| {
         targets::haproxy(tmp, up, limits)
     });
-    let bin = PathBuf::from(BIN);
+    let bin = tiergate_bin();
     add("tiergate memory", &[], &|| {
         targets::tiergate(&bin, "tiergate memory", tmp, up, false, limits)
     });
@@ -263,7 +271,7 @@ fn run(s: &Settings, tmp: &Path) {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         upstream.describe()
     );
-    println!("e2e: tiergate binary {BIN}");
+    println!("e2e: tiergate binary {}", tiergate_bin().display());
     let scripts = Scripts::write(tmp, s);
     match s.mode {
         Mode::Allowed | Mode::Tenants if s.pairs.is_some() => pairs(s, &mut list, &scripts),
