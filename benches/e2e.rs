@@ -62,7 +62,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_tiergate");
 fn tiergate_bin() -> PathBuf {
     std::env::var_os("E2E_TIERGATE_BIN")
         .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(BIN), PathBuf::from)
+        .map_or_else(|| PathBuf::from(BIN), absolute)
+}
+
+/// `path` made absolute against the current directory: targets run in
+/// their own temp dirs, where a relative program path would not resolve.
+fn absolute(path: impl Into<PathBuf>) -> PathBuf {
+    let path = path.into();
+    std::path::absolute(&path).unwrap_or(path)
 }
 /// The target every ratio is relative to.
 const REFERENCE: &str = "nginx+limit_req";
@@ -246,7 +253,10 @@ fn run(s: &Settings, tmp: &Path) {
         targets::tiergate(&bin, "tiergate redis", tmp, up, true, limits)
     });
     // An older build, for before/after ratios measured in one run.
-    if let Some(base) = std::env::var_os("E2E_BASELINE_BIN").map(PathBuf::from) {
+    if let Some(base) = std::env::var_os("E2E_BASELINE_BIN")
+        .filter(|v| !v.is_empty())
+        .map(absolute)
+    {
         add("baseline memory", &[], &|| {
             targets::tiergate(&base, "baseline memory", tmp, up, false, limits)
         });

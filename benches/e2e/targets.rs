@@ -248,8 +248,8 @@ pub fn haproxy(tmp: &Path, up: u16, limits: Limits) -> Result<Target, String> {
     Ok(t)
 }
 
-/// A tiergate binary (this build's, or `E2E_BASELINE_BIN`) named `name`,
-/// memory or redis backend.
+/// A tiergate binary (`E2E_TIERGATE_BIN` or this build's, or
+/// `E2E_BASELINE_BIN`) named `name`, memory or redis backend.
 pub fn tiergate(
     bin: &Path,
     name: &'static str,
