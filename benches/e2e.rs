@@ -71,6 +71,7 @@ fn absolute(path: impl Into<PathBuf>) -> PathBuf {
     let path = path.into();
     std::path::absolute(&path).unwrap_or(path)
 }
+
 /// The target every ratio is relative to.
 const REFERENCE: &str = "nginx+limit_req";
 
