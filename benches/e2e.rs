@@ -58,18 +58,12 @@ use wrk::{WrkResult, WrkRun};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tiergate");
 
-/// The tiergate build under test: `E2E_TIERGATE_BIN`, else this build's.
-fn tiergate_bin() -> PathBuf {
-    std::env::var_os("E2E_TIERGATE_BIN")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from(BIN), absolute)
-}
-
-/// `path` made absolute against the current directory: targets run in
-/// their own temp dirs, where a relative program path would not resolve.
-fn absolute(path: impl Into<PathBuf>) -> PathBuf {
-    let path = path.into();
-    std::path::absolute(&path).unwrap_or(path)
+/// The binary named by environment variable `name`, if set, made absolute
+/// against the current directory: targets run in their own temp dirs,
+/// where a relative program path would not resolve.
+fn env_bin(name: &str) -> Option<PathBuf> {
+    let path = PathBuf::from(std::env::var_os(name).filter(|v| !v.is_empty())?);
+    Some(std::path::absolute(&path).unwrap_or(path))
 }
 
 /// The target every ratio is relative to.
@@ -246,7 +240,8 @@ fn run(s: &Settings, tmp: &Path) {
     add("haproxy stick-table", &["haproxy"], &|| {
         targets::haproxy(tmp, up, limits)
     });
-    let bin = tiergate_bin();
+    // The build under test: `E2E_TIERGATE_BIN`, else this build's.
+    let bin = env_bin("E2E_TIERGATE_BIN").unwrap_or_else(|| PathBuf::from(BIN));
     add("tiergate memory", &[], &|| {
         targets::tiergate(&bin, "tiergate memory", tmp, up, false, limits)
     });
@@ -254,10 +249,7 @@ fn run(s: &Settings, tmp: &Path) {
         targets::tiergate(&bin, "tiergate redis", tmp, up, true, limits)
     });
     // An older build, for before/after ratios measured in one run.
-    if let Some(base) = std::env::var_os("E2E_BASELINE_BIN")
-        .filter(|v| !v.is_empty())
-        .map(absolute)
-    {
+    if let Some(base) = env_bin("E2E_BASELINE_BIN") {
         add("baseline memory", &[], &|| {
             targets::tiergate(&base, "baseline memory", tmp, up, false, limits)
         });
@@ -282,7 +274,7 @@ fn run(s: &Settings, tmp: &Path) {
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         upstream.describe()
     );
-    println!("e2e: tiergate binary {}", tiergate_bin().display());
+    println!("e2e: tiergate binary {}", bin.display());
     let scripts = Scripts::write(tmp, s);
     match s.mode {
         Mode::Allowed | Mode::Tenants if s.pairs.is_some() => pairs(s, &mut list, &scripts),
