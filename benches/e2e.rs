@@ -15,7 +15,7 @@
 //! | `E2E_DURATION` | `10s` | length of each measured wrk run (`3s`, `1m`) |
 //! | `E2E_CONNS` | `64,256` | connection counts to measure (`wrk -t2 -cN`) |
 //! | `E2E_ROUNDS` | `2` | interleaved rounds; the table shows their mean |
-//! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time) |
+//! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` (as fast as the proxy answers, or with `E2E_FLOOD_DELAY_MS` of think time per connection for an offered load that does not depend on the proxy's speed) while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time) |
 //! | `E2E_TARGETS` | all | comma-separated substrings of target names to run |
 //! | `E2E_TIERGATE_BIN` | this build's | the tiergate build run as `tiergate memory` / `tiergate redis` (e.g. `target/pgo/tiergate` from `scripts/pgo-build`) |
 //! | `E2E_BASELINE_BIN` | unset | another tiergate build (e.g. the last release) to run as `baseline memory` / `baseline redis` next to this one, for before/after ratios from one run |
@@ -85,6 +85,8 @@ struct Settings {
     tenants: u32,
     flood_rate: u32,
     good_delay_ms: u64,
+    /// Think time per flood connection; 0: the flood saturates.
+    flood_delay_ms: u64,
     /// Pairs per comparison; `None`: interleaved rounds.
     pairs: Option<usize>,
 }
@@ -163,6 +165,7 @@ impl Settings {
             tenants: num("E2E_TENANTS", "100000")?.min(10_000_000) as u32,
             flood_rate: num("E2E_FLOOD_RATE", "100")?.min(1_000_000) as u32,
             good_delay_ms: num("E2E_GOOD_DELAY_MS", "10")?.min(10_000),
+            flood_delay_ms: num("E2E_FLOOD_DELAY_MS", "0")?.min(10_000),
             pairs: match std::env::var("E2E_PAIRS") {
                 Ok(v) if !v.trim().is_empty() => Some(
                     v.trim()
@@ -316,8 +319,11 @@ impl Scripts {
         Scripts {
             one: wrk::tenant_script(tmp, "one.lua", "bench"),
             many: wrk::many_tenants_script(tmp),
-            flood: wrk::tenant_script(tmp, "flood.lua", "flood"),
-            good: wrk::paced_script(tmp, "good", s.good_delay_ms),
+            flood: match s.flood_delay_ms {
+                0 => wrk::tenant_script(tmp, "flood.lua", "flood"),
+                ms => wrk::paced_script(tmp, "flood.lua", "flood", ms),
+            },
+            good: wrk::paced_script(tmp, "good.lua", "good", s.good_delay_ms),
             tenants: s.tenants,
         }
     }
@@ -621,6 +627,9 @@ struct FloodSample {
     good: WrkResult,
     /// The same good traffic just before, with no flood.
     alone: WrkResult,
+    /// The proxy's CPU per request it answered under the flood (both
+    /// tenants' requests), in microseconds.
+    cpu_us_per_req: f64,
     /// Cores used by processes outside the bench during the run.
     foreign: f64,
 }
@@ -656,16 +665,25 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                 let mut ac = good_run.spawn();
                 let alone = wrk::finish(&mut ac, s.duration);
                 pause();
+                let pids = t.pids();
+                let cpu0 = targets::cpu_seconds(&pids);
                 let snap = targets::CpuSnap::now();
                 let mut fc = flood_run.spawn();
                 let mut gc = good_run.spawn();
                 let good = wrk::finish(&mut gc, s.duration);
                 let fl = wrk::finish(&mut fc, s.duration);
                 let foreign = targets::CpuSnap::now().foreign_cores_since(&snap);
+                let cpu = targets::cpu_seconds(&pids) - cpu0;
                 match (fl, good.and_then(|g| alone.map(|a| (g, a)))) {
                     (Ok(flood), Ok((good, alone))) => {
+                        let answered = flood.requests + good.requests;
+                        let cpu_us_per_req = if answered > 0 {
+                            cpu * 1e6 / answered as f64
+                        } else {
+                            0.0
+                        };
                         eprintln!(
-                            "round {}/{} c{:<4} {:<20} flood {:>8.0} tries/s, {:>8} rejected | good {:>5.0} req/s p99 {:>8} non-2xx {}",
+                            "round {}/{} c{:<4} {:<20} flood {:>8.0} tries/s, {:>8} rejected | good {:>5.0} req/s p99 {:>8} non-2xx {} | cpu {:.1} us/req",
                             round + 1,
                             s.rounds,
                             conns,
@@ -674,12 +692,14 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                             flood.non2xx,
                             good.rps,
                             fmt_us(good.p99_us),
-                            good.non2xx
+                            good.non2xx,
+                            cpu_us_per_req
                         );
                         samples.entry((conns, i)).or_default().push(FloodSample {
                             flood,
                             good,
                             alone,
+                            cpu_us_per_req,
                             foreign,
                         });
                     }
@@ -697,16 +717,20 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
 
     println!();
     println!(
-        "flood: tenant `flood` limited to {r}/s (burst {r}) under `wrk -t2 -cN`; tenant `good` \
+        "flood: tenant `flood` limited to {r}/s (burst {r}) under `wrk -t2 -cN` ({f}); tenant `good` \
          unlimited, 8 connections with {d} ms think time",
         r = s.flood_rate,
+        f = match s.flood_delay_ms {
+            0 => "saturating".to_string(),
+            ms => format!("{ms} ms think time per connection"),
+        },
         d = s.good_delay_ms
     );
     println!(
-        "| target | conns | flood tries/s | × its limit | flood admitted/s | flood rejected | good req/s | good p50 | good p99 | good p99 alone | flood slows good p99 | good non-2xx | other load | good p99 vs {REFERENCE} |"
+        "| target | conns | flood tries/s | × its limit | flood admitted/s | flood rejected | proxy CPU µs/req | good req/s | good p50 | good p99 | good p99 alone | flood slows good p99 | good non-2xx | other load | good p99 vs {REFERENCE} |"
     );
     println!(
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for &conns in &s.conns {
         let reference = list
@@ -730,13 +754,14 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
             let good_p99 = mean(v.iter().map(|x| x.good.p99_us));
             let alone_p99 = mean(v.iter().map(|x| x.alone.p99_us));
             println!(
-                "| {} | {} | {:.0} | {:.0}× | {:.1} | {} | {:.0} | {} | {} | {} | {:+.0}% | {} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.0}× | {:.1} | {} | {:.1} | {:.0} | {} | {} | {} | {:+.0}% | {} | {:.2} | {} |",
                 t.name,
                 conns,
                 tries,
                 tries / s.flood_rate as f64,
                 admitted,
                 v.iter().map(|x| x.flood.non2xx).sum::<u64>(),
+                mean(v.iter().map(|x| x.cpu_us_per_req)),
                 mean(v.iter().map(|x| x.good.rps)),
                 fmt_us(mean(v.iter().map(|x| x.good.p50_us))),
                 fmt_us(good_p99),
@@ -752,6 +777,7 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
     println!(
         "(mean of {} rounds of {}s; `good p99 alone` is the same good traffic run just before \
          without the flood; `flood rejected` is the total of non-2xx over all rounds; \
+         `proxy CPU µs/req` is the proxy's CPU under the flood over the requests of both tenants; \
          nginx proxy_pass does not limit, so its flood is all admitted)",
         s.rounds,
         s.duration.as_secs()

@@ -167,12 +167,12 @@ end
     )
 }
 
-/// A well-behaved client: one tenant, `delay_ms` of think time between
-/// requests on each connection.
-pub fn paced_script(dir: &Path, tenant: &str, delay_ms: u64) -> std::path::PathBuf {
+/// One tenant with `delay_ms` of think time between requests on each
+/// connection.
+pub fn paced_script(dir: &Path, name: &str, tenant: &str, delay_ms: u64) -> std::path::PathBuf {
     write_file(
         dir,
-        "good.lua",
+        name,
         &format!(
             "wrk.method = \"GET\"\nwrk.headers[\"x-tenant-id\"] = \"{tenant}\"\n\
              function delay()\n  return {delay_ms}\nend\n"
