@@ -165,7 +165,15 @@ impl Settings {
             tenants: num("E2E_TENANTS", "100000")?.min(10_000_000) as u32,
             flood_rate: num("E2E_FLOOD_RATE", "100")?.min(1_000_000) as u32,
             good_delay_ms: num("E2E_GOOD_DELAY_MS", "10")?.min(10_000),
-            flood_delay_ms: num("E2E_FLOOD_DELAY_MS", "0")?.min(10_000),
+            flood_delay_ms: match env_or("E2E_FLOOD_DELAY_MS", "0").parse::<u64>() {
+                Ok(ms) => ms.min(10_000),
+                Err(_) => {
+                    return Err(
+                        "E2E_FLOOD_DELAY_MS: want a whole number of milliseconds (0: saturate)"
+                            .into(),
+                    );
+                }
+            },
             pairs: match std::env::var("E2E_PAIRS") {
                 Ok(v) if !v.trim().is_empty() => Some(
                     v.trim()
