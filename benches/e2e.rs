@@ -15,7 +15,7 @@
 //! | `E2E_DURATION` | `10s` | length of each measured wrk run (`3s`, `1m`) |
 //! | `E2E_CONNS` | `64,256` | connection counts to measure (`wrk -t2 -cN`) |
 //! | `E2E_ROUNDS` | `2` | interleaved rounds; the table shows their mean |
-//! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` (as fast as the proxy answers, or with `E2E_FLOOD_DELAY_MS` of think time per connection for an offered load that does not depend on the proxy's speed) while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time) |
+//! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` (as fast as the proxy answers, or with `E2E_FLOOD_DELAY_MS` of think time per connection for an offered load that does not depend on the proxy's speed) while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time); then, as a control, the same flood goes to a server of its own while `good` goes through the proxy |
 //! | `E2E_TARGETS` | all | comma-separated substrings of target names to run |
 //! | `E2E_TIERGATE_BIN` | this build's | the tiergate build run as `tiergate memory` / `tiergate redis` (e.g. `target/pgo/tiergate` from `scripts/pgo-build`) |
 //! | `E2E_BASELINE_BIN` | unset | another tiergate build (e.g. the last release) to run as `baseline memory` / `baseline redis` next to this one, for before/after ratios from one run |
@@ -290,7 +290,12 @@ fn run(s: &Settings, tmp: &Path) {
     match s.mode {
         Mode::Allowed | Mode::Tenants if s.pairs.is_some() => pairs(s, &mut list, &scripts),
         Mode::Allowed | Mode::Tenants => throughput(s, &mut list, &scripts),
-        Mode::Flood => flood(s, &mut list, &scripts),
+        Mode::Flood => {
+            // The control: the same flood aimed at a server of its own.
+            let (sink, sink_port) = targets::start_upstream(&tmp.join("sink"));
+            flood(s, &mut list, &scripts, sink_port);
+            drop(sink);
+        }
     }
     for t in &list {
         if let Some(admin) = t.admin {
@@ -635,6 +640,10 @@ struct FloodSample {
     good: WrkResult,
     /// The same good traffic just before, with no flood.
     alone: WrkResult,
+    /// The same good traffic while the same flood goes to another server
+    /// on this machine (the sink): what the flood costs the good tenant
+    /// through the shared cores alone.
+    elsewhere: WrkResult,
     /// The proxy's CPU per request it answered under the flood (both
     /// tenants' requests), in microseconds.
     cpu_us_per_req: f64,
@@ -642,7 +651,7 @@ struct FloodSample {
     foreign: f64,
 }
 
-fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
+fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts, sink_port: u16) {
     warm_up(s, list, &(scripts.good.clone(), vec![]));
     let mut samples: BTreeMap<(usize, usize), Vec<FloodSample>> = BTreeMap::new();
     let mut dead = Vec::new();
@@ -682,8 +691,20 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                 let fl = wrk::finish(&mut fc, s.duration);
                 let foreign = targets::CpuSnap::now().foreign_cores_since(&snap);
                 let cpu = targets::cpu_seconds(&pids) - cpu0;
-                match (fl, good.and_then(|g| alone.map(|a| (g, a)))) {
-                    (Ok(flood), Ok((good, alone))) => {
+                pause();
+                let mut sc = WrkRun {
+                    port: sink_port,
+                    ..flood_run
+                }
+                .spawn();
+                let mut ec = good_run.spawn();
+                let elsewhere = wrk::finish(&mut ec, s.duration);
+                let _ = wrk::finish(&mut sc, s.duration);
+                match (
+                    fl,
+                    good.and_then(|g| alone.and_then(|a| elsewhere.map(|e| (g, a, e)))),
+                ) {
+                    (Ok(flood), Ok((good, alone, elsewhere))) => {
                         let answered = flood.requests + good.requests;
                         let cpu_us_per_req = if answered > 0 {
                             cpu * 1e6 / answered as f64
@@ -691,7 +712,7 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                             0.0
                         };
                         eprintln!(
-                            "round {}/{} c{:<4} {:<20} flood {:>8.0} tries/s, {:>8} rejected | good {:>5.0} req/s p99 {:>8} non-2xx {} | cpu {:.1} us/req",
+                            "round {}/{} c{:<4} {:<20} flood {:>8.0} tries/s, {:>8} rejected | good {:>5.0} req/s p99 {:>8} non-2xx {} | cpu {:.1} us/req | good p99 with the flood elsewhere {:>8}",
                             round + 1,
                             s.rounds,
                             conns,
@@ -701,12 +722,14 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                             good.rps,
                             fmt_us(good.p99_us),
                             good.non2xx,
-                            cpu_us_per_req
+                            cpu_us_per_req,
+                            fmt_us(elsewhere.p99_us)
                         );
                         samples.entry((conns, i)).or_default().push(FloodSample {
                             flood,
                             good,
                             alone,
+                            elsewhere,
                             cpu_us_per_req,
                             foreign,
                         });
@@ -735,10 +758,10 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
         d = s.good_delay_ms
     );
     println!(
-        "| target | conns | flood tries/s | × its limit | flood admitted/s | flood rejected | proxy CPU µs/req | good req/s | good p50 | good p99 | good p99 alone | flood slows good p99 | good non-2xx | other load | good p99 vs {REFERENCE} |"
+        "| target | conns | flood tries/s | × its limit | flood admitted/s | flood rejected | proxy CPU µs/req | good req/s | good p50 | good p99 | good p99 alone | flood slows good p99 | good p99, flood elsewhere | vs flood elsewhere | good non-2xx | other load | good p99 vs {REFERENCE} |"
     );
     println!(
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     );
     for &conns in &s.conns {
         let reference = list
@@ -761,8 +784,9 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
             }));
             let good_p99 = mean(v.iter().map(|x| x.good.p99_us));
             let alone_p99 = mean(v.iter().map(|x| x.alone.p99_us));
+            let elsewhere_p99 = mean(v.iter().map(|x| x.elsewhere.p99_us));
             println!(
-                "| {} | {} | {:.0} | {:.0}× | {:.1} | {} | {:.1} | {:.0} | {} | {} | {} | {:+.0}% | {} | {:.2} | {} |",
+                "| {} | {} | {:.0} | {:.0}× | {:.1} | {} | {:.1} | {:.0} | {} | {} | {} | {:+.0}% | {} | {:.2} | {} | {:.2} | {} |",
                 t.name,
                 conns,
                 tries,
@@ -775,6 +799,8 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                 fmt_us(good_p99),
                 fmt_us(alone_p99),
                 (good_p99 / alone_p99 - 1.0) * 100.0,
+                fmt_us(elsewhere_p99),
+                good_p99 / elsewhere_p99,
                 v.iter().map(|x| x.good.non2xx).sum::<u64>(),
                 mean(v.iter().map(|x| x.foreign)),
                 reference.map_or("–".into(), |r| format!("{:.2}", good_p99 / r)),
@@ -786,6 +812,9 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts) {
         "(mean of {} rounds of {}s; `good p99 alone` is the same good traffic run just before \
          without the flood; `flood rejected` is the total of non-2xx over all rounds; \
          `proxy CPU µs/req` is the proxy's CPU under the flood over the requests of both tenants; \
+         `flood elsewhere`: the same flood sent to a server of its own on this machine while the \
+         good traffic goes through the proxy, so `vs flood elsewhere` is what the flood costs the \
+         good tenant beyond taking the shared cores; \
          nginx proxy_pass does not limit, so its flood is all admitted)",
         s.rounds,
         s.duration.as_secs()
