@@ -165,15 +165,12 @@ impl Settings {
             tenants: num("E2E_TENANTS", "100000")?.min(10_000_000) as u32,
             flood_rate: num("E2E_FLOOD_RATE", "100")?.min(1_000_000) as u32,
             good_delay_ms: num("E2E_GOOD_DELAY_MS", "10")?.min(10_000),
-            flood_delay_ms: match env_or("E2E_FLOOD_DELAY_MS", "0").parse::<u64>() {
-                Ok(ms) => ms.min(10_000),
-                Err(_) => {
-                    return Err(
-                        "E2E_FLOOD_DELAY_MS: want a whole number of milliseconds (0: saturate)"
-                            .into(),
-                    );
-                }
-            },
+            flood_delay_ms: env_or("E2E_FLOOD_DELAY_MS", "0")
+                .parse::<u64>()
+                .map_err(
+                    |_| "E2E_FLOOD_DELAY_MS: want a whole number of milliseconds (0: saturate)",
+                )?
+                .min(10_000),
             pairs: match std::env::var("E2E_PAIRS") {
                 Ok(v) if !v.trim().is_empty() => Some(
                     v.trim()
@@ -698,8 +695,10 @@ fn flood(s: &Settings, list: &mut [Target], scripts: &Scripts, sink_port: u16) {
                 }
                 .spawn();
                 let mut ec = good_run.spawn();
-                let elsewhere = wrk::finish(&mut ec, s.duration);
-                let _ = wrk::finish(&mut sc, s.duration);
+                // A control whose flood failed is no control: its good run
+                // counts only when the flood to the sink ran too.
+                let good_elsewhere = wrk::finish(&mut ec, s.duration);
+                let elsewhere = wrk::finish(&mut sc, s.duration).and(good_elsewhere);
                 match (
                     fl,
                     good.and_then(|g| alone.and_then(|a| elsewhere.map(|e| (g, a, e)))),
