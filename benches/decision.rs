@@ -114,7 +114,16 @@ fn identity(c: &mut Criterion) {
     headers.insert("user-agent", HeaderValue::from_static("bench/1.0"));
     g.bench_function("header", |b| {
         b.iter(|| {
-            let id = identifier.identify(black_box(&headers), CLIENT);
+            let id = identifier.identify(black_box(&headers), CLIENT, None);
+            black_box(id.expect("identified"))
+        })
+    });
+    // The usual keep-alive case: the connection's last request named the
+    // same tenant, whose id is reused.
+    let known = tenant("acme");
+    g.bench_function("header_known", |b| {
+        b.iter(|| {
+            let id = identifier.identify(black_box(&headers), CLIENT, Some(&known));
             black_box(id.expect("identified"))
         })
     });
@@ -147,13 +156,13 @@ fn identity(c: &mut Criterion) {
         HeaderValue::from_str(&format!("Bearer {token}")).expect("header value"),
     );
     let id = identifier
-        .identify(&jwt_headers, CLIENT)
+        .identify(&jwt_headers, CLIENT, None)
         .expect("the signed token verifies");
     assert_eq!(id.source, IdentitySource::Jwt);
     assert_eq!(id.claimed_tier.as_deref(), Some("enterprise"));
     g.bench_function("jwt_hs256", |b| {
         b.iter(|| {
-            let id = identifier.identify(black_box(&jwt_headers), CLIENT);
+            let id = identifier.identify(black_box(&jwt_headers), CLIENT, None);
             black_box(id.expect("verified"))
         })
     });

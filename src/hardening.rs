@@ -64,9 +64,36 @@ pub struct LimitedBody<B> {
     /// `None`: an empty body (see [`LimitedBody::empty`]).
     inner: Option<B>,
     remaining: u64,
-    tripped: Arc<AtomicBool>,
+    tripped: Tripped,
     /// Keeps the request in flight for the watchdog until the body ends.
     in_flight: Option<InFlight>,
+}
+
+/// Whether a request's [`LimitedBody`] went over its limit, shared
+/// between the body (which the upstream client consumes) and the proxy
+/// (which answers 413 rather than 502 when it did). A body already at its
+/// end when the request arrives cannot go over, so it shares no flag:
+/// most requests (`GET`s) cost no allocation for it.
+#[derive(Clone, Default)]
+pub struct Tripped(Option<Arc<AtomicBool>>);
+
+impl Tripped {
+    /// A flag for a body that may still carry data (`end_stream`: it has
+    /// none, and the flag is never set).
+    pub fn for_body(end_stream: bool) -> Tripped {
+        Tripped((!end_stream).then(Arc::default))
+    }
+
+    /// Whether the body went over its limit.
+    pub fn get(&self) -> bool {
+        self.0.as_ref().is_some_and(|t| t.load(Ordering::Relaxed))
+    }
+
+    fn set(&self) {
+        if let Some(t) = &self.0 {
+            t.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The error a [`LimitedBody`] yields when over its limit.
@@ -76,7 +103,7 @@ pub struct BodyTooLarge;
 
 impl<B> LimitedBody<B> {
     /// Wraps `inner`; `tripped` is set when the limit is exceeded.
-    pub fn new(inner: B, limit: u64, tripped: Arc<AtomicBool>) -> Self {
+    pub fn new(inner: B, limit: u64, tripped: Tripped) -> Self {
         LimitedBody {
             inner: Some(inner),
             remaining: limit,
@@ -91,7 +118,7 @@ impl<B> LimitedBody<B> {
         LimitedBody {
             inner: None,
             remaining: 0,
-            tripped: Arc::default(),
+            tripped: Tripped::default(),
             in_flight: None,
         }
     }
@@ -132,7 +159,7 @@ where
                     let len = data.len() as u64;
                     if len > this.remaining {
                         this.in_flight = None;
-                        this.tripped.store(true, Ordering::Relaxed);
+                        this.tripped.set();
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge))));
                     }
                     this.remaining -= len;

@@ -50,15 +50,43 @@ impl TenantId {
     /// `ip:` prefix is reserved for anonymous tenants, so that nobody can
     /// spend another client's anonymous bucket by naming it.
     pub fn parse_claimed(s: &str) -> Result<TenantId, IdentityError> {
+        Self::claimed(s, None)
+    }
+
+    /// [`TenantId::parse_claimed`], answering with `known` itself (a
+    /// reference-count increment, no allocation) when `s` is its id.
+    fn claimed(s: &str, known: Option<&TenantId>) -> Result<TenantId, IdentityError> {
         if s.starts_with("ip:") {
             return Err(IdentityError::InvalidTenant);
         }
-        Self::parse(s)
+        match known {
+            // `known` is valid, and so is `s`, its id.
+            Some(k) if k.as_str() == s => Ok(k.clone()),
+            _ => Self::parse(s),
+        }
     }
 
     /// The anonymous tenant of a client address, `ip:<addr>`.
     pub fn for_ip(ip: IpAddr) -> TenantId {
-        TenantId(Arc::from(format!("ip:{ip}")))
+        Self::for_ip_known(ip, None)
+    }
+
+    /// [`TenantId::for_ip`], answering with `known` itself when it is that
+    /// id. The text is made on the stack, so a new id is one allocation.
+    fn for_ip_known(ip: IpAddr, known: Option<&TenantId>) -> TenantId {
+        use std::io::Write as _;
+        // "ip:" and the longest IPv6 text (45 bytes) fit.
+        let mut buf = [0u8; 64];
+        let len = {
+            let mut w = &mut buf[..];
+            write!(w, "ip:{ip}").expect("an address fits in 64 bytes");
+            64 - w.len()
+        };
+        let text = std::str::from_utf8(&buf[..len]).expect("an address is ASCII");
+        match known {
+            Some(k) if k.as_str() == text => k.clone(),
+            _ => TenantId(Arc::from(text)),
+        }
     }
 
     /// The id as text.
@@ -165,17 +193,21 @@ impl Identifier {
     }
 
     /// Identifies the tenant of a request from its headers and client IP.
+    /// `known` is a tenant id identified before (its connection's last):
+    /// a request naming the same tenant gets that id back rather than a
+    /// new copy of it.
     pub fn identify(
         &self,
         headers: &HeaderMap,
         client_ip: IpAddr,
+        known: Option<&TenantId>,
     ) -> Result<Identity, IdentityError> {
         for source in &self.sources {
             match source {
                 Source::Jwt(jwt) => {
                     if let Some(value) = headers.get(jwt.header()) {
                         let claims = jwt.verify(value).map_err(IdentityError::InvalidToken)?;
-                        let tenant = TenantId::parse_claimed(&claims.tenant)?;
+                        let tenant = TenantId::claimed(&claims.tenant, known)?;
                         return Ok(Identity {
                             tenant,
                             claimed_tier: claims.tier.map(Arc::from),
@@ -187,7 +219,7 @@ impl Identifier {
                     if let Some(value) = headers.get(name) {
                         let text = value.to_str().map_err(|_| IdentityError::InvalidTenant)?;
                         return Ok(Identity {
-                            tenant: TenantId::parse_claimed(text)?,
+                            tenant: TenantId::claimed(text, known)?,
                             claimed_tier: None,
                             source: IdentitySource::Header,
                         });
@@ -200,7 +232,7 @@ impl Identifier {
                 bearer: self.has_jwt,
             }),
             Anonymous::Ip => Ok(Identity {
-                tenant: TenantId::for_ip(client_ip),
+                tenant: TenantId::for_ip_known(client_ip, known),
                 claimed_tier: None,
                 source: IdentitySource::Anonymous,
             }),
@@ -284,6 +316,35 @@ mod tests {
     fn clients_cannot_claim_anonymous_ids() {
         assert!(TenantId::parse_claimed("ip:1.2.3.4").is_err());
         assert!(TenantId::parse_claimed("acme:ip:1").is_ok());
+        // Not even when the connection's last tenant was that anonymous id.
+        let anonymous = TenantId::for_ip("1.2.3.4".parse().unwrap());
+        assert!(TenantId::claimed("ip:1.2.3.4", Some(&anonymous)).is_err());
+    }
+
+    /// A known id is reused only for its own text, and never skips
+    /// validation of another.
+    #[test]
+    fn a_known_id_is_reused_for_itself_only() {
+        let acme = TenantId::parse("acme").unwrap();
+        let again = TenantId::claimed("acme", Some(&acme)).unwrap();
+        assert!(Arc::ptr_eq(&acme.0, &again.0));
+        let other = TenantId::claimed("globex", Some(&acme)).unwrap();
+        assert_eq!(other.as_str(), "globex");
+        assert!(TenantId::claimed("a b", Some(&acme)).is_err());
+        assert!(TenantId::claimed("acmex", Some(&acme)).is_ok());
+
+        let ip: IpAddr = "2001:db8::1".parse().unwrap();
+        let anonymous = TenantId::for_ip(ip);
+        assert_eq!(anonymous.as_str(), "ip:2001:db8::1");
+        let again = TenantId::for_ip_known(ip, Some(&anonymous));
+        assert!(Arc::ptr_eq(&anonymous.0, &again.0));
+        let other = TenantId::for_ip_known("10.0.0.1".parse().unwrap(), Some(&anonymous));
+        assert_eq!(other.as_str(), "ip:10.0.0.1");
+        // The longest IPv6 text.
+        let long: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+            .parse()
+            .unwrap();
+        assert_eq!(TenantId::for_ip(long).as_str(), format!("ip:{long}"));
     }
 
     #[test]

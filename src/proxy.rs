@@ -6,7 +6,6 @@
 //! connections are spliced together.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
-use crate::hardening::LimitedBody;
+use crate::hardening::{LimitedBody, Tripped};
 use crate::server::watchdog::Watched;
 
 pub mod affinity;
@@ -253,7 +252,7 @@ impl Upstream {
     pub async fn forward(
         &self,
         mut req: Request<UpstreamBody>,
-        body_tripped: &Arc<AtomicBool>,
+        body_tripped: &Tripped,
         affinity: Option<(&Affinity, &Watched)>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         // The caller stripped hop-by-hop headers, keeping `Upgrade` only
@@ -308,7 +307,7 @@ impl Upstream {
         let mut resp = match result {
             None => return Err(UpstreamError::Timeout),
             Some(Err(e)) => {
-                if body_tripped.load(Ordering::Relaxed) {
+                if body_tripped.get() {
                     return Err(UpstreamError::BodyTooLarge);
                 }
                 return Err(e);
@@ -384,7 +383,7 @@ impl Upstream {
     async fn forward_pooled(
         &self,
         mut req: Request<UpstreamBody>,
-        body_tripped: &Arc<AtomicBool>,
+        body_tripped: &Tripped,
         upgrade: bool,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -398,7 +397,7 @@ impl Upstream {
         let mut resp = match result {
             Err(_) => return Err(UpstreamError::Timeout),
             Ok(Err(e)) => {
-                if body_tripped.load(Ordering::Relaxed) {
+                if body_tripped.get() {
                     return Err(UpstreamError::BodyTooLarge);
                 }
                 return Err(UpstreamError::Unreachable(error_chain(&e)));

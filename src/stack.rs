@@ -21,7 +21,6 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -33,8 +32,8 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use crate::error::ProxyError;
-use crate::hardening::{LimitedBody, client_ip};
-use crate::identity::TenantId;
+use crate::hardening::{LimitedBody, Tripped, client_ip};
+use crate::identity::{Identifier, Identity, IdentityError, TenantId};
 use crate::limiter::{BucketSpec, BucketState, Decision, Limiter, Outcome};
 use crate::metrics::DecisionLabel;
 use crate::proxy::{
@@ -112,7 +111,7 @@ impl Gate {
             Ok(shown) => {
                 // 7. upstream: one call site, and no layer of its own
                 let limit = live.policy.config().server.max_body_bytes;
-                let tripped = Arc::new(AtomicBool::new(false));
+                let tripped = Tripped::for_body(req.body().is_end_stream());
                 let req = self.upstream_request(req, limit, &tripped, conn, &mut record);
                 let started = Instant::now();
                 let affinity = Some((&conn.upstream, &*conn.watched));
@@ -222,7 +221,7 @@ impl Gate {
 
         // 4. identity (an ip token spent here stays spent: the guard exists
         //    to make floods of bad credentials pay)
-        let identity = match live.identifier.identify(req.headers(), ip) {
+        let identity = match conn.identify(&live.identifier, req.headers(), ip) {
             Ok(id) => id,
             Err(e) => {
                 let state = ip_debit.as_ref().map(|(_, _, s)| s);
@@ -322,7 +321,7 @@ impl Gate {
         &self,
         req: Request<Incoming>,
         limit: u64,
-        tripped: &Arc<AtomicBool>,
+        tripped: &Tripped,
         conn: &ClientConn,
         record: &mut Option<&mut AccessRecord>,
     ) -> Request<UpstreamBody> {
@@ -549,20 +548,22 @@ pub struct ClientConn {
     memo: Mutex<Memo>,
 }
 
-/// Header values kept from a connection's last request for its next one.
-/// A client's keep-alive connection usually carries one tenant limited by
-/// one bucket, so its `X-Tenant-Id`, `X-RateLimit-Limit` and
-/// `RateLimit-Policy` values repeat; and a tenant requesting more slowly
-/// than its bucket refills finds it as full at each request as at the
-/// last, so the remaining count, the reset and the `RateLimit` value
-/// repeat too. Reusing a value is a reference-count
+/// The tenant id and header values kept from a connection's last request
+/// for its next one. A client's keep-alive connection usually carries one
+/// tenant limited by one bucket, so its tenant id and its `X-Tenant-Id`,
+/// `X-RateLimit-Limit` and `RateLimit-Policy` values repeat; and a tenant
+/// requesting more slowly than its bucket refills finds it as full at
+/// each request as at the last, so the remaining count, the reset and the
+/// `RateLimit` value repeat too. Reusing a value is a reference-count
 /// increment where making it is an allocation, its formatting and
 /// validation, and a free. A connection that switches tenant, bucket or
 /// state makes the new values once and keeps them instead. (The lock is
 /// never contended: a connection's requests run on one worker thread.)
 #[derive(Default)]
 struct Memo {
-    tenant: Option<(TenantId, HeaderValue)>,
+    /// The last tenant, and its `X-Tenant-Id` value once one was made
+    /// (a refused request makes none).
+    tenant: Option<(TenantId, Option<HeaderValue>)>,
     shown: Option<ShownMemo>,
 }
 
@@ -593,17 +594,44 @@ impl ClientConn {
         }
     }
 
+    fn memo(&self) -> std::sync::MutexGuard<'_, Memo> {
+        self.memo.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Identifies the tenant of a request on this connection (from
+    /// `client_ip`): a request naming the connection's last tenant gets
+    /// that tenant's id again, without allocating and validating a copy.
+    fn identify(
+        &self,
+        identifier: &Identifier,
+        headers: &http::HeaderMap,
+        client_ip: std::net::IpAddr,
+    ) -> Result<Identity, IdentityError> {
+        let mut memo = self.memo();
+        let known = memo.tenant.as_ref().map(|(t, _)| t);
+        let identity = identifier.identify(headers, client_ip, known)?;
+        if known != Some(&identity.tenant) {
+            memo.tenant = Some((identity.tenant.clone(), None));
+        }
+        Ok(identity)
+    }
+
     /// `tenant` as an `X-Tenant-Id` value (`None`: not a valid header value,
     /// which a valid tenant id always is).
     fn tenant_header(&self, tenant: &TenantId) -> Option<HeaderValue> {
-        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((t, v)) = &memo.tenant
+        let mut memo = self.memo();
+        if let Some((t, v)) = &mut memo.tenant
             && t == tenant
         {
-            return Some(v.clone());
+            if let Some(v) = v {
+                return Some(v.clone());
+            }
+            let made = crate::error::shared_value(&[tenant.as_str().as_bytes()])?;
+            *v = Some(made.clone());
+            return Some(made);
         }
         let v = crate::error::shared_value(&[tenant.as_str().as_bytes()])?;
-        memo.tenant = Some((tenant.clone(), v.clone()));
+        memo.tenant = Some((tenant.clone(), Some(v.clone())));
         Some(v)
     }
 
@@ -612,7 +640,7 @@ impl ClientConn {
     fn rate_limit_values(&self, s: &BucketState) -> RateLimitValues {
         let reset = s.reset.as_secs_f64().ceil() as u64;
         let window = s.window.as_secs_f64().ceil() as u64;
-        let mut memo = self.memo.lock().unwrap_or_else(|p| p.into_inner());
+        let mut memo = self.memo();
         let same_bucket = memo.shown.as_ref().is_some_and(|m| {
             Arc::ptr_eq(&m.name, &s.name) && m.burst == s.burst && m.window == window
         });
