@@ -33,6 +33,11 @@
 //! each tiergate backend against its baseline when `E2E_BASELINE_BIN` is
 //! set.
 //!
+//! `hyper floor` (see `e2e/floor.rs`) is a bare hyper proxy built like
+//! tiergate's server with nothing else in it: its ratio to nginx +
+//! `limit_req` is what the HTTP stack costs, and tiergate's ratio to it
+//! what tiergate's own work costs (a comparison of its own in pairs mode).
+//!
 //! Everything runs on 127.0.0.1 on free ports, in a temp dir; every child
 //! process (nginx, haproxy, redis-server, tiergate, wrk) is killed on exit,
 //! Ctrl-C included. Fairness: the proxies under test get two workers each
@@ -42,6 +47,8 @@
 //! proxy's own CPU time (plus redis-server's for the redis backend) per
 //! completed request, from /proc.
 
+#[path = "e2e/floor.rs"]
+mod floor;
 #[path = "e2e/procs.rs"]
 mod procs;
 #[path = "e2e/targets.rs"]
@@ -192,6 +199,20 @@ impl Settings {
 }
 
 fn main() {
+    // The `hyper floor` target: this binary again, as a child process.
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(floor::ARG) {
+        let port = |i: usize| args.get(i).and_then(|a| a.parse::<u16>().ok());
+        let (Some(port), Some(upstream)) = (port(2), port(3)) else {
+            eprintln!("usage: {} PORT UPSTREAM_PORT", floor::ARG);
+            std::process::exit(2);
+        };
+        if let Err(e) = floor::run(port, upstream) {
+            eprintln!("hyper floor: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     // `cargo test --benches` runs this binary without `--bench`: do nothing.
     if !std::env::args().any(|a| a == "--bench") {
         println!("e2e: load bench; run it with `cargo bench --bench e2e`");
@@ -248,6 +269,7 @@ fn run(s: &Settings, tmp: &Path) {
     add("haproxy stick-table", &["haproxy"], &|| {
         targets::haproxy(tmp, up, limits)
     });
+    add("hyper floor", &[], &|| targets::floor(tmp, up));
     // The build under test: `E2E_TIERGATE_BIN`, else this build's.
     let bin = env_bin("E2E_TIERGATE_BIN").unwrap_or_else(|| PathBuf::from(BIN));
     add("tiergate memory", &[], &|| {
@@ -511,6 +533,7 @@ fn comparisons(list: &[Target]) -> Vec<(usize, usize)> {
         out.extend((0..list.len()).filter(|&i| i != r).map(|i| (r, i)));
     }
     for (a, b) in [
+        ("hyper floor", "tiergate memory"),
         ("tiergate memory", "tiergate redis"),
         ("baseline memory", "tiergate memory"),
         ("baseline redis", "tiergate redis"),

@@ -196,6 +196,41 @@ pub fn nginx_proxy(tmp: &Path, up: u16, limit_req: bool, limits: Limits) -> Resu
     Ok(t)
 }
 
+/// The bare hyper proxy of `floor.rs`: this bench binary run again with
+/// `--floor-proxy`.
+pub fn floor(tmp: &Path, up: u16) -> Result<Target, String> {
+    let name = "hyper floor";
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = tmp.join("hyper-floor");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let log = dir.join("stderr.log");
+    let port = free_port();
+    let mut cmd = Command::new(exe);
+    cmd.arg(super::floor::ARG)
+        .arg(port.to_string())
+        .arg(up.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
+    let mut g = ChildGuard::spawn(name, &mut cmd).map_err(|e| e.to_string())?;
+    if !wait_for_port(port, Duration::from_secs(10)) || g.exited() {
+        g.kill();
+        return Err(format!(
+            "{name} did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        ));
+    }
+    let t = Target {
+        name,
+        port,
+        admin: None,
+        guards: vec![g],
+        redis: None,
+    };
+    probe(&t)?;
+    Ok(t)
+}
+
 /// haproxy with a stick-table tracking `x-tenant-id` request rates.
 pub fn haproxy(tmp: &Path, up: u16, limits: Limits) -> Result<Target, String> {
     let dir = tmp.join("haproxy");
