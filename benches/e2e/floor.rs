@@ -32,6 +32,15 @@ pub fn run(port: u16, upstream: u16) -> std::io::Result<()> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let listeners = tiergate::server::bind_workers(addr, n)?;
+    // SIGINT ends the process normally, so that a profiler or a PGO
+    // training run gets its data written at exit.
+    let signals = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        let _ = signals.block_on(tokio::signal::ctrl_c());
+        std::process::exit(0);
+    });
     let workers: Vec<_> = listeners
         .into_iter()
         .map(|l| {
