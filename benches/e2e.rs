@@ -37,12 +37,13 @@
 //! tiergate's server with nothing else in it: its ratio to nginx +
 //! `limit_req` is what the HTTP stack costs, and tiergate's ratio to it
 //! what tiergate's own work costs (a comparison of its own in pairs mode).
+//! Not in flood mode, where it would only repeat nginx `proxy_pass`.
 //!
 //! Everything runs on 127.0.0.1 on free ports, in a temp dir; every child
 //! process (nginx, haproxy, redis-server, tiergate, wrk) is killed on exit,
 //! Ctrl-C included. Fairness: the proxies under test get two workers each
-//! (nginx `worker_processes auto` = cores, haproxy `nbthread 2`, tiergate one
-//! worker per core), the nginx upstream one worker; wrk, the proxy, the
+//! (nginx `worker_processes auto` = cores, haproxy `nbthread 2`, tiergate and the
+//! hyper floor one worker per core), the nginx upstream one worker; wrk, the proxy, the
 //! upstream (and redis) share the machine's cores. "CPU µs/req" is the
 //! proxy's own CPU time (plus redis-server's for the redis backend) per
 //! completed request, from /proc.
@@ -269,7 +270,11 @@ fn run(s: &Settings, tmp: &Path) {
     add("haproxy stick-table", &["haproxy"], &|| {
         targets::haproxy(tmp, up, limits)
     });
-    add("hyper floor", &[], &|| targets::floor(tmp, up));
+    // A throughput reference; under a flood it would only repeat nginx
+    // proxy_pass (no limit, everything admitted).
+    if s.mode != Mode::Flood {
+        add("hyper floor", &[], &|| targets::floor(tmp, up));
+    }
     // The build under test: `E2E_TIERGATE_BIN`, else this build's.
     let bin = env_bin("E2E_TIERGATE_BIN").unwrap_or_else(|| PathBuf::from(BIN));
     add("tiergate memory", &[], &|| {

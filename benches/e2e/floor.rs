@@ -2,8 +2,8 @@
 //! server is, with nothing else. One current-thread runtime per core on
 //! `SO_REUSEPORT` listeners (tiergate's own `bind_workers`), and each
 //! client connection with its own upstream connection, driven in the same
-//! task. No identity, no limiter, no headers added or removed, no
-//! timeouts, no metrics.
+//! task. No identity, no limiter, no headers added and none removed but
+//! `Connection`, no timeouts, no metrics.
 //!
 //! Why: the gap between tiergate and nginx is the sum of what the HTTP
 //! stack costs (hyper, tokio) and what tiergate does on top. This target
@@ -27,7 +27,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub const ARG: &str = "--floor-proxy";
 
 /// Serves on 127.0.0.1:`port`, forwarding to 127.0.0.1:`upstream`, until
-/// killed.
+/// SIGINT (or killed).
 pub fn run(port: u16, upstream: u16) -> std::io::Result<()> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
