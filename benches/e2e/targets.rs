@@ -185,15 +185,7 @@ pub fn nginx_proxy(tmp: &Path, up: u16, limit_req: bool, limits: Limits) -> Resu
         common = nginx_http_common(&dir),
     );
     let g = start_nginx(name, &dir, &conf, port)?;
-    let t = Target {
-        name,
-        port,
-        admin: None,
-        guards: vec![g],
-        redis: None,
-    };
-    probe(&t)?;
-    Ok(t)
+    serving(name, port, g)
 }
 
 /// The bare hyper proxy of `floor.rs`: this bench binary run again with
@@ -220,15 +212,7 @@ pub fn floor(tmp: &Path, up: u16) -> Result<Target, String> {
             std::fs::read_to_string(&log).unwrap_or_default()
         ));
     }
-    let t = Target {
-        name,
-        port,
-        admin: None,
-        guards: vec![g],
-        redis: None,
-    };
-    probe(&t)?;
-    Ok(t)
+    serving(name, port, g)
 }
 
 /// haproxy with a stick-table tracking `x-tenant-id` request rates.
@@ -272,15 +256,7 @@ pub fn haproxy(tmp: &Path, up: u16, limits: Limits) -> Result<Target, String> {
             std::fs::read_to_string(&log).unwrap_or_default()
         ));
     }
-    let t = Target {
-        name: "haproxy stick-table",
-        port,
-        admin: None,
-        guards: vec![g],
-        redis: None,
-    };
-    probe(&t)?;
-    Ok(t)
+    serving("haproxy stick-table", port, g)
 }
 
 /// A tiergate binary (`E2E_TIERGATE_BIN` or this build's, or
@@ -374,6 +350,19 @@ pub fn tiergate(
 }
 
 /// One request through the target must come back 200.
+/// A proxy with no admin port, once it answers on `port`.
+fn serving(name: &'static str, port: u16, g: ChildGuard) -> Result<Target, String> {
+    let t = Target {
+        name,
+        port,
+        admin: None,
+        guards: vec![g],
+        redis: None,
+    };
+    probe(&t)?;
+    Ok(t)
+}
+
 fn probe(t: &Target) -> Result<(), String> {
     match http_get(t.port, "/", &[("x-tenant-id", "probe")]) {
         Some((200, _)) => Ok(()),
