@@ -215,7 +215,7 @@ fn main() {
         return;
     }
     // `cargo test --benches` runs this binary without `--bench`: do nothing.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !args.iter().any(|a| a == "--bench") {
         println!("e2e: load bench; run it with `cargo bench --bench e2e`");
         return;
     }

@@ -97,7 +97,6 @@ fn nginx_http_common(dir: &Path) -> String {
 fn start_nginx(name: &str, dir: &Path, conf: &str, port: u16) -> Result<ChildGuard, String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     let conf_path = write_file(dir, "nginx.conf", conf);
-    let log = dir.join("stderr.log");
     let mut cmd = Command::new("nginx");
     cmd.arg("-p")
         .arg(dir)
@@ -105,18 +104,32 @@ fn start_nginx(name: &str, dir: &Path, conf: &str, port: u16) -> Result<ChildGua
         .arg(&conf_path)
         .arg("-e")
         .arg(dir.join("error.log"))
-        .args(["-g", "daemon off;"])
-        .stdin(Stdio::null())
+        .args(["-g", "daemon off;"]);
+    spawn_listening(name, &mut cmd, port, dir, &["error.log"])
+}
+
+/// Spawns `cmd` (stdin and stdout closed, stderr to `dir/stderr.log`) and
+/// waits up to 10 s for it to listen on `port`. If it does not, kills it
+/// and returns what it logged there and in `dir`'s `more_logs`.
+fn spawn_listening(
+    name: &str,
+    cmd: &mut Command,
+    port: u16,
+    dir: &Path,
+    more_logs: &[&str],
+) -> Result<ChildGuard, String> {
+    let log = dir.join("stderr.log");
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
-    let mut g = ChildGuard::spawn(name, &mut cmd).map_err(|e| format!("spawn nginx: {e}"))?;
+    let mut g = ChildGuard::spawn(name, cmd).map_err(|e| format!("spawn {name}: {e}"))?;
     if !wait_for_port(port, Duration::from_secs(10)) || g.exited() {
         g.kill();
-        return Err(format!(
-            "{name} did not start:\n{}{}",
-            std::fs::read_to_string(&log).unwrap_or_default(),
-            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
-        ));
+        let mut text = std::fs::read_to_string(&log).unwrap_or_default();
+        for more in more_logs {
+            text.push_str(&std::fs::read_to_string(dir.join(more)).unwrap_or_default());
+        }
+        return Err(format!("{name} did not start:\n{text}"));
     }
     Ok(g)
 }
@@ -195,23 +208,12 @@ pub fn floor(tmp: &Path, up: u16) -> Result<Target, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let dir = tmp.join("hyper-floor");
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let log = dir.join("stderr.log");
     let port = free_port();
     let mut cmd = Command::new(exe);
     cmd.arg(super::floor::ARG)
         .arg(port.to_string())
-        .arg(up.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
-    let mut g = ChildGuard::spawn(name, &mut cmd).map_err(|e| e.to_string())?;
-    if !wait_for_port(port, Duration::from_secs(10)) || g.exited() {
-        g.kill();
-        return Err(format!(
-            "{name} did not start:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        ));
-    }
+        .arg(up.to_string());
+    let g = spawn_listening(name, &mut cmd, port, &dir, &[])?;
     serving(name, port, g)
 }
 
@@ -239,23 +241,9 @@ pub fn haproxy(tmp: &Path, up: u16, limits: Limits) -> Result<Target, String> {
          backend be\n  server up 127.0.0.1:{up}\n"
     );
     let cfg = write_file(&dir, "haproxy.cfg", &conf);
-    let log = dir.join("stderr.log");
     let mut cmd = Command::new("haproxy");
-    cmd.arg("-f")
-        .arg(&cfg)
-        .arg("-db")
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).map_err(|e| e.to_string())?);
-    let mut g = ChildGuard::spawn("haproxy", &mut cmd).map_err(|e| e.to_string())?;
-    if !wait_for_port(port, Duration::from_secs(10)) || g.exited() {
-        g.kill();
-        return Err(format!(
-            "haproxy did not start:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        ));
-    }
+    cmd.arg("-f").arg(&cfg).arg("-db").current_dir(&dir);
+    let g = spawn_listening("haproxy", &mut cmd, port, &dir, &[])?;
     serving("haproxy stick-table", port, g)
 }
 
