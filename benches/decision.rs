@@ -1,6 +1,8 @@
 //! Micro-benchmarks of one admission decision, piece by piece:
 //!
-//! * `identity` — header source, and HS256 JWT verification;
+//! * `identity` — header source; JWT verification (HS256, and RS256 and
+//!   ES256 with the test fixtures' keys), and a token remembered from an
+//!   earlier request;
 //! * `policy` — route match + tier resolution + bucket lookup (10 routes,
 //!   5 tiers);
 //! * `memory` — `MemoryLimiter::check` for one tenant and across 100k
@@ -32,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group};
 use http::{HeaderMap, HeaderValue, Method};
-use tiergate::config::{BackendKind, Config};
+use tiergate::config::{BackendKind, Config, SourceConfig};
+use tiergate::identity::jwt::JwtSource;
 use tiergate::identity::{Identifier, Identity, IdentitySource, TenantId};
 use tiergate::limiter::{BucketSpec, Decision, MemoryLimiter, RedisLimiter};
 use tiergate::policy::Policy;
@@ -160,12 +163,78 @@ fn identity(c: &mut Criterion) {
         .expect("the signed token verifies");
     assert_eq!(id.source, IdentitySource::Jwt);
     assert_eq!(id.claimed_tier.as_deref(), Some("enterprise"));
-    g.bench_function("jwt_hs256", |b| {
-        b.iter(|| {
-            let id = identifier.identify(black_box(&jwt_headers), CLIENT, None);
-            black_box(id.expect("verified"))
-        })
+    // Full verification, as for a token not seen before (requests go
+    // through `identify`, which remembers the tokens that verified).
+    let jwt_source = |cfg: &Config| match &cfg.identity.sources[0] {
+        SourceConfig::Jwt(j) => JwtSource::from_config(j, &env).expect("jwt source"),
+        SourceConfig::Header { .. } => unreachable!("the first source is the JWT one"),
+    };
+    let hs256 = jwt_source(&cfg);
+    let value = jwt_headers.get("authorization").expect("set above").clone();
+    g.bench_function("jwt_hs256_verify", |b| {
+        b.iter(|| black_box(hs256.verify(black_box(&value)).expect("verified")))
     });
+
+    // Public-key tokens, as an identity provider issues them (the test
+    // fixtures' 2048-bit RSA and P-256 keys).
+    let claims = Claims {
+        tenant_id: "acme",
+        tier: "enterprise",
+        exp: now + 24 * 3600,
+        iat: now,
+    };
+    for (name, alg, public, private) in [
+        ("jwt_rs256", "RS256", "rsa_public.pem", "rsa_private.pem"),
+        ("jwt_es256", "ES256", "ec_public.pem", "ec_private.pem"),
+    ] {
+        let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
+        let yaml = format!(
+            "upstream: {{ url: \"http://127.0.0.1:1\" }}\n\
+             identity:\n  sources:\n    - type: jwt\n      header: authorization\n      \
+             algorithms: [{alg}]\n      public_key_file: {fixtures}/{public}\n      \
+             tenant_claim: tenant_id\n      tier_claim: tier\n\
+             tiers:\n  free: {{ rate: 1/s, burst: 1 }}\ndefault_tier: free\n"
+        );
+        let cfg = Config::from_yaml(&yaml).unwrap_or_else(|e| panic!("{name} config: {e}"));
+        let identifier = Identifier::new(&cfg.identity, &env).expect("identifier");
+        let pem = std::fs::read(format!("{fixtures}/{private}")).expect("fixture key");
+        let (key, alg) = match alg {
+            "RS256" => (
+                jsonwebtoken::EncodingKey::from_rsa_pem(&pem),
+                jsonwebtoken::Algorithm::RS256,
+            ),
+            _ => (
+                jsonwebtoken::EncodingKey::from_ec_pem(&pem),
+                jsonwebtoken::Algorithm::ES256,
+            ),
+        };
+        let token = jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(alg),
+            &claims,
+            &key.expect("fixture key parses"),
+        )
+        .expect("sign token");
+        let mut headers = headers.clone();
+        headers.insert(
+            "authorization",
+            HeaderValue::from_str(&format!("Bearer {token}")).expect("header value"),
+        );
+        let source = jwt_source(&cfg);
+        let value = headers.get("authorization").expect("set above").clone();
+        g.bench_function(format!("{name}_verify"), |b| {
+            b.iter(|| black_box(source.verify(black_box(&value)).expect("verified")))
+        });
+        // A client's next request with the same token: remembered.
+        identifier
+            .identify(&headers, CLIENT, None)
+            .expect("the signed token verifies");
+        g.bench_function(format!("{name}_remembered"), |b| {
+            b.iter(|| {
+                let id = identifier.identify(black_box(&headers), CLIENT, None);
+                black_box(id.expect("verified"))
+            })
+        });
+    }
     g.finish();
 }
 

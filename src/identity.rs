@@ -7,6 +7,7 @@
 //! nothing downstream (Redis keys, metric labels, logs) ever sees a bad one.
 
 pub mod jwt;
+mod verified;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -206,11 +207,10 @@ impl Identifier {
             match source {
                 Source::Jwt(jwt) => {
                     if let Some(value) = headers.get(jwt.header()) {
-                        let claims = jwt.verify(value).map_err(IdentityError::InvalidToken)?;
-                        let tenant = TenantId::claimed(&claims.tenant, known)?;
+                        let (tenant, claimed_tier) = jwt.identify(value, known)?;
                         return Ok(Identity {
                             tenant,
-                            claimed_tier: claims.tier.map(Arc::from),
+                            claimed_tier,
                             source: IdentitySource::Jwt,
                         });
                     }

@@ -438,6 +438,99 @@ async fn rs256_source_accepts_rs256_and_refuses_hs256_signed_with_public_key() {
     assert_eq!(up.count(), 1, "the confused token reached the upstream");
 }
 
+/// Verified tokens are remembered (so a client's next request skips the
+/// signature check), but never across a reload: when a key leaves the
+/// JWKS file, the tokens it signed are refused from the reload on, even the
+/// ones that verified a moment before.
+///
+/// Why: key rotation is how an identity provider revokes a leaked key; a
+/// cache that outlived it would keep the leaked key's tokens working.
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_at_reload_stops_its_remembered_tokens() {
+    let keys = tempfile::tempdir().expect("temp dir");
+    let jwks_path = keys.path().join("jwks.json");
+    let full: Value = serde_json::from_slice(&std::fs::read(fixture("jwks.json")).unwrap())
+        .expect("jwks.json is JSON");
+    std::fs::write(&jwks_path, full.to_string()).unwrap();
+
+    let up = Upstream::start();
+    let yaml = format!(
+        r#"
+server:
+  listen: "127.0.0.1:0"
+admin:
+  listen: "127.0.0.1:0"
+upstream:
+  url: "{}"
+identity:
+  sources:
+    - type: jwt
+      algorithms: [RS256, ES256]
+      jwks_file: "{}"
+      tenant_claim: tenant_id
+  anonymous: reject
+{TIERS}"#,
+        up.url(),
+        jwks_path.display()
+    );
+    let tg = Tiergate::start(&yaml);
+    let url = format!("{}/x", tg.proxy_url());
+    let signed = |alg: Algorithm, kid: &str, key: EncodingKey| {
+        let mut header = Header::new(alg);
+        header.kid = Some(kid.to_string());
+        format!(
+            "Bearer {}",
+            encode(&header, &claims("acme", None), &key).expect("sign")
+        )
+    };
+    let pem = |name: &str| std::fs::read(fixture(name)).expect("fixture key");
+    let rsa = signed(
+        Algorithm::RS256,
+        "rsa-1",
+        EncodingKey::from_rsa_pem(&pem("rsa_private.pem")).unwrap(),
+    );
+    let ec = signed(
+        Algorithm::ES256,
+        "ec-1",
+        EncodingKey::from_ec_pem(&pem("ec_private.pem")).unwrap(),
+    );
+    for _ in 0..3 {
+        let (status, _, _, text) = get(&url, &[("authorization", &rsa)]).await;
+        assert_eq!(status, 200, "{text}\n{}", tg.dump());
+    }
+    assert_eq!(up.count(), 3);
+
+    // The identity provider retires `rsa-1`.
+    let mut rotated = full.clone();
+    rotated["keys"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|k| k["kid"] == "ec-1");
+    let tmp = keys.path().join("jwks.json.tmp");
+    std::fs::write(&tmp, rotated.to_string()).unwrap();
+    std::fs::rename(&tmp, &jwks_path).unwrap();
+    tg.sighup();
+    assert!(
+        tg.wait_for_log("config reloaded", Duration::from_secs(5))
+            .is_some(),
+        "{}",
+        tg.dump()
+    );
+
+    let (status, headers, body, text) = get(&url, &[("authorization", &rsa)]).await;
+    if let Some(m) = error_mismatch(status, &headers, &body, &text, 401, "invalid_token") {
+        panic!("a token of the retired key: {m}");
+    }
+    assert_eq!(body["message"], "invalid token: unknown key id", "{text}");
+    assert_eq!(
+        up.count(),
+        3,
+        "the retired key's token reached the upstream"
+    );
+    let (status, _, _, text) = get(&url, &[("authorization", &ec)]).await;
+    assert_eq!(status, 200, "{text}\n{}", tg.dump());
+}
+
 /// With no token and no tenant header, `anonymous: reject` answers 401
 /// `unauthenticated` with `WWW-Authenticate: Bearer`.
 ///

@@ -32,6 +32,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, JwkSet, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
+use super::verified::VerifiedTokens;
+use super::{IdentityError, TenantId};
 use crate::config::{JwtConfig, KeySource};
 
 /// Longest accepted token (the part after `Bearer `), in bytes.
@@ -43,6 +45,8 @@ pub struct JwtSource {
     keys: Keys,
     tenant_claim: Arc<str>,
     tier_claim: Option<String>,
+    /// The tokens that verified (see [`VerifiedTokens`]).
+    verified: VerifiedTokens,
 }
 
 /// Verification keys with their prebuilt validations.
@@ -184,6 +188,7 @@ impl JwtSource {
             keys,
             tenant_claim: Arc::from(cfg.tenant_claim.as_str()),
             tier_claim: cfg.tier_claim.clone(),
+            verified: VerifiedTokens::new(cfg.leeway.as_secs()),
         })
     }
 
@@ -193,10 +198,42 @@ impl JwtSource {
     }
 
     /// Verifies `Bearer <jwt>` (scheme case-insensitive) and returns the
-    /// tenant and tier claims.
+    /// tenant and tier claims. Every call verifies in full; requests go
+    /// through [`JwtSource::identify`], which remembers the tokens that
+    /// verified.
     pub fn verify(&self, value: &HeaderValue) -> Result<VerifiedClaims, JwtError> {
         let token = bearer_token(value.as_bytes())?;
+        self.decode(token).map(|(claims, _)| claims)
+    }
 
+    /// The tenant and claimed tier of the request whose header this source
+    /// reads is `value`: from the tokens that verified before and still
+    /// hold (see [`VerifiedTokens`]), else by verifying `value` and
+    /// keeping the result. `known` as for [`TenantId::claimed`].
+    pub(super) fn identify(
+        &self,
+        value: &HeaderValue,
+        known: Option<&TenantId>,
+    ) -> Result<(TenantId, Option<Arc<str>>), IdentityError> {
+        let token = bearer_token(value.as_bytes()).map_err(IdentityError::InvalidToken)?;
+        let now = unix_now();
+        if let Some(hit) = self.verified.get(token, now) {
+            return Ok(hit);
+        }
+        let (claims, times) = self.decode(token).map_err(IdentityError::InvalidToken)?;
+        let tenant = TenantId::claimed(&claims.tenant, known)?;
+        let tier = claims.tier.map(Arc::<str>::from);
+        if let Some((exp, nbf)) = times {
+            self.verified
+                .insert(token, tenant.clone(), tier.clone(), exp, nbf, now);
+        }
+        Ok((tenant, tier))
+    }
+
+    /// Verifies `token`; with the claims, its `exp` and `nbf` as
+    /// jsonwebtoken read them (`None`: not readable so, never the case for
+    /// a token that verified).
+    fn decode(&self, token: &[u8]) -> Result<(VerifiedClaims, Option<TokenTimes>), JwtError> {
         let data = match &self.keys {
             Keys::Single { key, validation } => {
                 jsonwebtoken::decode::<Map<String, Value>>(token, key, validation)
@@ -223,6 +260,14 @@ impl JwtSource {
             }
         };
         let mut claims = data.map_err(map_error)?.claims;
+        let times = match (
+            claims.get("exp").map(numeric),
+            claims.get("nbf").map(numeric),
+        ) {
+            (Some(Some(exp)), None) => Some((exp, None)),
+            (Some(Some(exp)), Some(Some(nbf))) => Some((exp, Some(nbf))),
+            _ => None,
+        };
 
         let tenant = match claims.remove(&*self.tenant_claim) {
             Some(Value::String(tenant)) => tenant,
@@ -233,8 +278,34 @@ impl JwtSource {
             Some(Value::String(tier)) => Some(tier),
             _ => None,
         };
-        Ok(VerifiedClaims { tenant, tier })
+        Ok((VerifiedClaims { tenant, tier }, times))
     }
+}
+
+/// A verified token's `exp` and `nbf`, in Unix seconds.
+type TokenTimes = (u64, Option<u64>);
+
+/// A time claim as jsonwebtoken reads it (`validation.rs`, `numeric_type`):
+/// a whole number as is, a fractional one rounded; `None` for anything it
+/// would refuse.
+fn numeric(v: &Value) -> Option<u64> {
+    let Value::Number(n) = v else { return None };
+    if let Some(u) = n.as_u64() {
+        return Some(u);
+    }
+    if n.is_i64() {
+        return None;
+    }
+    let f = n.as_f64()?;
+    (f.is_finite() && f >= 0.0 && f < u64::MAX as f64).then(|| f.round() as u64)
+}
+
+/// The wall clock in Unix seconds, the clock jsonwebtoken checks `exp`
+/// and `nbf` against.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl fmt::Debug for JwtSource {
@@ -1007,5 +1078,106 @@ mod tests {
             JwtError::MissingClaim("exp").to_string(),
             "missing or invalid `exp` claim"
         );
+    }
+
+    /// A token that verified is remembered: the same token again gives the
+    /// same tenant id (the remembered one) without a verification.
+    #[test]
+    fn identify_remembers_a_token_that_verified() {
+        let src = pem_source(Algorithm::RS256, fixture!("rsa_public.pem"));
+        let token = sign(Algorithm::RS256, &claims(), &rsa_key());
+        let (first, tier) = src.identify(&bearer(&token), None).unwrap();
+        assert_eq!(first.as_str(), "acme");
+        assert_eq!(tier.as_deref(), Some("enterprise"));
+        assert_eq!(src.verified.len(), 1);
+        let (again, _) = src.identify(&bearer(&token), None).unwrap();
+        assert!(Arc::ptr_eq(&first.0, &again.0), "not the remembered id");
+        // The scheme's spelling does not matter; the token's bytes do.
+        let (spaced, _) = src
+            .identify(
+                &HeaderValue::from_str(&format!("bearer   {token}")).unwrap(),
+                None,
+            )
+            .unwrap();
+        assert!(Arc::ptr_eq(&first.0, &spaced.0));
+        assert_eq!(src.verified.len(), 1);
+        // Another token of the same tenant is verified and kept on its own.
+        let other = sign(
+            Algorithm::RS256,
+            &json!({ "tenant_id": "acme", "exp": now() + 60 }),
+            &rsa_key(),
+        );
+        let (_, tier) = src.identify(&bearer(&other), None).unwrap();
+        assert_eq!(tier, None);
+        assert_eq!(src.verified.len(), 2);
+    }
+
+    /// A remembered token whose `exp` has passed is verified again, and
+    /// refused with jsonwebtoken's own reason; the entry is dropped.
+    #[test]
+    fn a_remembered_token_past_its_exp_is_refused_as_expired() {
+        let src = hs256();
+        let exp = now() - 31;
+        let token = hs(&json!({ "tenant_id": "acme", "exp": exp }));
+        // As if it had verified while it was valid.
+        src.verified.insert(
+            token.as_bytes(),
+            TenantId::parse("acme").unwrap(),
+            None,
+            exp,
+            None,
+            exp,
+        );
+        assert_eq!(
+            src.identify(&bearer(&token), None).unwrap_err(),
+            IdentityError::InvalidToken(JwtError::Expired)
+        );
+        assert_eq!(src.verified.len(), 0);
+    }
+
+    /// Only tokens that give an identity are kept: a bad signature, a time
+    /// refusal or a tenant id the alphabet refuses is checked every time.
+    #[test]
+    fn refused_tokens_are_never_remembered() {
+        let src = hs256();
+        let forged = sign(
+            Algorithm::HS256,
+            &claims(),
+            &EncodingKey::from_secret(b"not-the-secret"),
+        );
+        let premature = hs(&json!({ "tenant_id": "acme", "exp": now() + 600, "nbf": now() + 300 }));
+        let anonymous = hs(&json!({ "tenant_id": "ip:10.0.0.1", "exp": now() + 60 }));
+        for _ in 0..2 {
+            assert_eq!(
+                src.identify(&bearer(&forged), None).unwrap_err(),
+                IdentityError::InvalidToken(JwtError::BadSignature)
+            );
+            assert_eq!(
+                src.identify(&bearer(&premature), None).unwrap_err(),
+                IdentityError::InvalidToken(JwtError::NotYetValid)
+            );
+            assert_eq!(
+                src.identify(&bearer(&anonymous), None).unwrap_err(),
+                IdentityError::InvalidTenant
+            );
+        }
+        assert_eq!(src.verified.len(), 0);
+    }
+
+    /// `exp` and `nbf` are read as jsonwebtoken reads them.
+    #[test]
+    fn time_claims_are_read_like_jsonwebtoken() {
+        assert_eq!(numeric(&json!(1_800_000_000u64)), Some(1_800_000_000));
+        assert_eq!(numeric(&json!(1_800_000_000.4)), Some(1_800_000_000));
+        assert_eq!(numeric(&json!(1_800_000_000.5)), Some(1_800_000_001));
+        assert_eq!(numeric(&json!(u64::MAX)), Some(u64::MAX));
+        assert_eq!(numeric(&json!(-1)), None);
+        assert_eq!(numeric(&json!(-0.5)), None);
+        assert_eq!(numeric(&json!("1800000000")), None);
+        // The same token both ways: what `decode` reports is what is kept.
+        let t = now();
+        let token = hs(&json!({ "tenant_id": "acme", "exp": t as f64 + 60.7, "nbf": t - 10 }));
+        let (_, times) = hs256().decode(token.as_bytes()).unwrap();
+        assert_eq!(times, Some((t + 61, Some(t - 10))));
     }
 }
