@@ -22,9 +22,13 @@
 //! what verifies"); and conversely, a well-framed `Bearer` token that
 //! `jsonwebtoken::decode` accepts with a string `tenant_id` is accepted too.
 //! Tokens whose `exp`/`nbf` sit within 2 s of the leeway boundary are not
-//! compared both ways (the clock moves between the two calls).
+//! compared both ways (the clock moves between the two calls). And
+//! `Identifier::identify`, the request path's entry point, which remembers
+//! tokens that verified, gives `verify`'s answer for the same header twice
+//! in a row, whatever tokens earlier inputs left remembered.
 #![no_main]
 
+use std::net::IpAddr;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -32,20 +36,22 @@ use base64::Engine;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig, URL_SAFE_NO_PAD};
 use base64::engine::{DecodePaddingMode, general_purpose};
 use hmac::{Hmac, Mac};
-use http::{HeaderName, HeaderValue};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use sha2::Sha256;
-use tiergate::config::{JwtConfig, KeySource};
+use tiergate::config::{Anonymous, IdentityConfig, JwtConfig, KeySource, SourceConfig};
 use tiergate::identity::jwt::{JwtSource, MAX_TOKEN_BYTES, VerifiedClaims};
+use tiergate::identity::{Identifier, IdentityError, IdentitySource, TenantId};
 
 const SECRET: &str = "fuzz-secret-0123456789abcdef0123456789";
 const OTHER_SECRET: &str = "not-the-secret-0123456789abcdef012345";
 const LEEWAY: u64 = 30;
 
-static SOURCE: LazyLock<JwtSource> = LazyLock::new(|| {
-    let cfg = JwtConfig {
+fn config() -> JwtConfig {
+    JwtConfig {
         header: HeaderName::from_static("authorization"),
         algorithms: vec![Algorithm::HS256],
         key: KeySource::SecretEnv("FUZZ_SECRET".to_owned()),
@@ -54,8 +60,25 @@ static SOURCE: LazyLock<JwtSource> = LazyLock::new(|| {
         tenant_claim: "tenant_id".to_owned(),
         tier_claim: Some("tier".to_owned()),
         leeway: Duration::from_secs(LEEWAY),
+    }
+}
+
+fn env(_: &str) -> Option<String> {
+    Some(SECRET.to_owned())
+}
+
+static SOURCE: LazyLock<JwtSource> =
+    LazyLock::new(|| JwtSource::from_config(&config(), &env).expect("source builds"));
+
+/// The same source behind the request path's entry point, which remembers
+/// the tokens that verified (for the whole run: a token remembered from
+/// one input must not change the answer for another).
+static IDENTIFIER: LazyLock<Identifier> = LazyLock::new(|| {
+    let cfg = IdentityConfig {
+        sources: vec![SourceConfig::Jwt(config())],
+        anonymous: Anonymous::Reject,
     };
-    JwtSource::from_config(&cfg, &|_| Some(SECRET.to_owned())).expect("source builds")
+    Identifier::new(&cfg, &env).expect("identifier builds")
 });
 
 static ORACLE_KEY: LazyLock<DecodingKey> =
@@ -222,4 +245,27 @@ fuzz_target!(|data: &[u8]| {
         expected.as_ref(),
         "tiergate says {got:?}, jsonwebtoken says {expected:?}"
     );
+
+    // The request path says what `verify` says, the first time (verified,
+    // then remembered) and the second (remembered).
+    let mut headers = HeaderMap::new();
+    headers.insert(AUTHORIZATION, value.clone());
+    let want = match &got {
+        Ok(c) => {
+            TenantId::parse_claimed(&c.tenant).map(|t| (t.as_str().to_owned(), c.tier.clone()))
+        }
+        Err(e) => Err(IdentityError::InvalidToken(e.clone())),
+    };
+    for attempt in ["first", "second"] {
+        let identity = IDENTIFIER
+            .identify(&headers, IpAddr::from([127, 0, 0, 1]), None)
+            .map(|id| {
+                assert_eq!(id.source, IdentitySource::Jwt);
+                (
+                    id.tenant.as_str().to_owned(),
+                    id.claimed_tier.map(|t| t.to_string()),
+                )
+            });
+        assert_eq!(identity, want, "{attempt} identify disagrees with verify");
+    }
 });
