@@ -234,6 +234,26 @@ fn identity(c: &mut Criterion) {
                 black_box(id.expect("verified"))
             })
         });
+        // The same token on two threads at once, as tiergate's two workers
+        // serve one busy client: time per lookup on each thread.
+        if name == "jwt_rs256" {
+            g.bench_function(format!("{name}_remembered_2_threads"), |b| {
+                b.iter_custom(|iters| {
+                    let start = Instant::now();
+                    std::thread::scope(|s| {
+                        for _ in 0..2 {
+                            s.spawn(|| {
+                                for _ in 0..iters {
+                                    let id = identifier.identify(black_box(&headers), CLIENT, None);
+                                    black_box(id.expect("verified"));
+                                }
+                            });
+                        }
+                    });
+                    start.elapsed()
+                })
+            });
+        }
     }
     g.finish();
 }

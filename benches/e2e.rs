@@ -6,6 +6,7 @@
 //! E2E_DURATION=3s E2E_CONNS=64 cargo bench --bench e2e     # quick
 //! E2E_MODE=flood cargo bench --bench e2e                   # noisy neighbour
 //! E2E_MODE=tenants cargo bench --bench e2e                 # 100k distinct tenants
+//! E2E_MODE=jwt cargo bench --bench e2e                     # tiergate identifies by an RS256 token
 //! ```
 //!
 //! Settings (environment):
@@ -15,11 +16,11 @@
 //! | `E2E_DURATION` | `10s` | length of each measured wrk run (`3s`, `1m`) |
 //! | `E2E_CONNS` | `64,256` | connection counts to measure (`wrk -t2 -cN`) |
 //! | `E2E_ROUNDS` | `2` | interleaved rounds; the table shows their mean |
-//! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` (as fast as the proxy answers, or with `E2E_FLOOD_DELAY_MS` of think time per connection for an offered load that does not depend on the proxy's speed) while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time); then, as a control, the same flood goes to a server of its own while `good` goes through the proxy |
+//! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` (as fast as the proxy answers, or with `E2E_FLOOD_DELAY_MS` of think time per connection for an offered load that does not depend on the proxy's speed) while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time); then, as a control, the same flood goes to a server of its own while `good` goes through the proxy; `jwt`: like `allowed`, but every request also carries an RS256 token (`Authorization: Bearer`, the test fixtures' key, tenant `bench`), which tiergate verifies (its JWT source comes before the header) while nginx and haproxy key on the header as before |
 //! | `E2E_TARGETS` | all | comma-separated substrings of target names to run |
 //! | `E2E_TIERGATE_BIN` | this build's | the tiergate build run as `tiergate memory` / `tiergate redis` (e.g. `target/pgo/tiergate` from `scripts/pgo-build`) |
 //! | `E2E_BASELINE_BIN` | unset | another tiergate build (e.g. the last release) to run as `baseline memory` / `baseline redis` next to this one, for before/after ratios from one run |
-//! | `E2E_PAIRS` | unset | allowed and tenants modes: this many *pairs* per comparison instead of rounds (see below) |
+//! | `E2E_PAIRS` | unset | allowed, tenants and jwt modes: this many *pairs* per comparison instead of rounds (see below) |
 //!
 //! **Pairs.** On a shared VM the host's speed drifts by tens of percent
 //! within minutes, and in a round of six targets the reference may have
@@ -82,6 +83,7 @@ enum Mode {
     Allowed,
     Tenants,
     Flood,
+    Jwt,
 }
 
 struct Settings {
@@ -147,9 +149,10 @@ impl Settings {
             "allowed" | "throughput" | "" => Mode::Allowed,
             "tenants" => Mode::Tenants,
             "flood" => Mode::Flood,
+            "jwt" => Mode::Jwt,
             other => {
                 return Err(format!(
-                    "E2E_MODE `{other}`: want allowed, tenants or flood"
+                    "E2E_MODE `{other}`: want allowed, tenants, flood or jwt"
                 ));
             }
         };
@@ -245,6 +248,7 @@ fn main() {
 fn run(s: &Settings, tmp: &Path) {
     let limits = Limits {
         flood_rate: (s.mode == Mode::Flood).then_some(s.flood_rate),
+        jwt: s.mode == Mode::Jwt,
     };
     let (upstream, up) = targets::start_upstream(tmp);
     let mut list: Vec<Target> = Vec::new();
@@ -312,8 +316,10 @@ fn run(s: &Settings, tmp: &Path) {
     println!("e2e: tiergate binary {}", bin.display());
     let scripts = Scripts::write(tmp, s);
     match s.mode {
-        Mode::Allowed | Mode::Tenants if s.pairs.is_some() => pairs(s, &mut list, &scripts),
-        Mode::Allowed | Mode::Tenants => throughput(s, &mut list, &scripts),
+        Mode::Allowed | Mode::Tenants | Mode::Jwt if s.pairs.is_some() => {
+            pairs(s, &mut list, &scripts)
+        }
+        Mode::Allowed | Mode::Tenants | Mode::Jwt => throughput(s, &mut list, &scripts),
         Mode::Flood => {
             // The control: the same flood aimed at a server of its own.
             let (sink, sink_port) = targets::start_upstream(&tmp.join("sink"));
@@ -348,6 +354,8 @@ struct Scripts {
     many: PathBuf,
     flood: PathBuf,
     good: PathBuf,
+    /// Jwt mode's: `one`'s header and an RS256 token.
+    jwt: Option<PathBuf>,
     tenants: u32,
 }
 
@@ -361,6 +369,9 @@ impl Scripts {
                 ms => wrk::paced_script(tmp, "flood.lua", "flood", ms),
             },
             good: wrk::paced_script(tmp, "good.lua", "good", s.good_delay_ms),
+            jwt: (s.mode == Mode::Jwt).then(|| {
+                wrk::token_script(tmp, "jwt.lua", "bench", &targets::bench_token("bench"))
+            }),
             tenants: s.tenants,
         }
     }
@@ -429,6 +440,7 @@ fn check_alive(t: &mut Target, dead: &mut Vec<&'static str>) -> bool {
 fn throughput_script(s: &Settings, scripts: &Scripts) -> (PathBuf, Vec<String>) {
     match s.mode {
         Mode::Tenants => (scripts.many.clone(), vec![scripts.tenants.to_string()]),
+        Mode::Jwt => (scripts.jwt.clone().expect("written in jwt mode"), vec![]),
         _ => (scripts.one.clone(), vec![]),
     }
 }

@@ -17,6 +17,30 @@ pub struct Limits {
     /// Tenant `flood` gets this many requests per second (and as burst);
     /// `None` = every tenant has a huge limit.
     pub flood_rate: Option<u32>,
+    /// tiergate identifies by an RS256 token before the header (jwt mode).
+    pub jwt: bool,
+}
+
+/// The test fixtures' JWT keys (`tests/fixtures/jwt`).
+const JWT_FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/jwt");
+
+/// An RS256 token for `tenant`, valid for a day, signed with the fixture
+/// key whose public half tiergate verifies with in jwt mode.
+pub fn bench_token(tenant: &str) -> String {
+    let pem = std::fs::read(format!("{JWT_FIXTURES}/rsa_private.pem")).expect("fixture key");
+    let key = jsonwebtoken::EncodingKey::from_rsa_pem(&pem).expect("fixture key parses");
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        + 24 * 3600;
+    let claims = serde_json::json!({ "tenant_id": tenant, "exp": exp });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        &claims,
+        &key,
+    )
+    .expect("sign the bench token")
 }
 
 /// A huge per-tenant rate that keeps all traffic admitted.
@@ -282,12 +306,21 @@ pub fn tiergate(
         ),
         None => (String::new(), String::new()),
     };
+    let identity = if limits.jwt {
+        format!(
+            "identity:\n  sources:\n    - type: jwt\n      algorithms: [RS256]\n      \
+             public_key_file: \"{JWT_FIXTURES}/rsa_public.pem\"\n      tenant_claim: tenant_id\n    \
+             - type: header\n      name: x-tenant-id\n"
+        )
+    } else {
+        String::new()
+    };
     let port = free_port();
     let admin = free_port();
     let yaml = format!(
         "server:\n  listen: \"127.0.0.1:{port}\"\n  max_connections: 20000\n  \
          max_connections_per_ip: 100000\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n\
-         upstream:\n  url: \"http://127.0.0.1:{up}\"\n{backend}\
+         upstream:\n  url: \"http://127.0.0.1:{up}\"\n{backend}{identity}\
          tiers:\n  bench: {{ rate: {HUGE_RATE}/s, burst: 1000000000 }}\n{flood_tier}\
          default_tier: bench\n{flood_tenant}"
     );

@@ -142,6 +142,18 @@ pub fn tenant_script(dir: &Path, name: &str, tenant: &str) -> std::path::PathBuf
     )
 }
 
+/// A script that sends one fixed tenant and a bearer token.
+pub fn token_script(dir: &Path, name: &str, tenant: &str, token: &str) -> std::path::PathBuf {
+    write_file(
+        dir,
+        name,
+        &format!(
+            "wrk.method = \"GET\"\nwrk.headers[\"x-tenant-id\"] = \"{tenant}\"\n\
+             wrk.headers[\"authorization\"] = \"Bearer {token}\"\n"
+        ),
+    )
+}
+
 /// A script that cycles `x-tenant-id` over `t0 .. t{n-1}` (argument 1),
 /// each wrk thread starting at its own offset.
 pub fn many_tenants_script(dir: &Path) -> std::path::PathBuf {

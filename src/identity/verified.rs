@@ -24,12 +24,16 @@
 //! tokens share an entry. Hashing reads only the token's last
 //! [`HASHED_TAIL`] bytes (its signature, different for every token that
 //! verifies), under a per-process random key, so a long token costs no
-//! more to look up than a short one.
+//! more to look up than a short one. The signature is also the token's
+//! only secret part, so a probe that varies it lands on another entry's
+//! comparison only by chance: the comparison's timing does not help
+//! guess a remembered token.
 //!
 //! Bounded: 64 shards (so the workers rarely meet on a lock), each holding
-//! at most [`SHARD_BYTES`] of tokens, 8 MiB in all. A full shard first
-//! drops its expired tokens, then an arbitrary one. Tokens longer than
-//! [`MAX_CACHED_TOKEN`] are verified every time.
+//! at most [`SHARD_BYTES`] of tokens, 8 MiB in all (plus about 100 bytes
+//! of bookkeeping per token). A full shard first drops its expired tokens,
+//! then an arbitrary one. Tokens longer than [`MAX_CACHED_TOKEN`] are
+//! verified every time.
 //!
 //! [`JwtSource`]: super::JwtSource
 
