@@ -30,10 +30,11 @@
 //! guess a remembered token.
 //!
 //! Bounded: 64 shards (so the workers rarely meet on a lock), each holding
-//! at most [`SHARD_BYTES`] of tokens, 8 MiB in all (plus about 100 bytes
-//! of bookkeeping per token). A full shard first drops its expired tokens,
-//! then an arbitrary one. Tokens longer than [`MAX_CACHED_TOKEN`] are
-//! verified every time.
+//! at most [`SHARD_BYTES`] (tokens, the identities they gave and
+//! [`ENTRY_OVERHEAD`] per entry for the rest), 8 MiB in all. A full shard
+//! first drops its expired tokens, when it has any, then arbitrary ones
+//! down to three quarters full, so the next inserts find room without a
+//! sweep. Tokens longer than [`MAX_CACHED_TOKEN`] are verified every time.
 //!
 //! [`JwtSource`]: super::JwtSource
 
@@ -53,21 +54,31 @@ pub const SHARD_BYTES: usize = 128 * 1024;
 /// hundred bytes to a couple of KiB).
 pub const MAX_CACHED_TOKEN: usize = 4096;
 
+/// What an entry costs beyond its token's, tenant's and tier's bytes (the
+/// map's slot, the entry, the allocations' headers), counted against
+/// [`SHARD_BYTES`].
+pub const ENTRY_OVERHEAD: usize = 128;
+
 const SHARDS: usize = 64;
 
 /// What a verified token gave, and until when it holds.
-#[derive(Clone)]
 struct Entry {
     tenant: TenantId,
     tier: Option<Arc<str>>,
     exp: u64,
     nbf: Option<u64>,
+    /// What it is counted as against [`SHARD_BYTES`].
+    cost: usize,
 }
 
 struct Shard {
     map: HashMap<Box<[u8]>, Entry, TailHash>,
-    /// Sum of the lengths of the tokens in `map`.
+    /// Sum of the entries' costs.
     bytes: usize,
+    /// No entry's `exp` is earlier (`u64::MAX` when empty): while
+    /// `now - leeway` has not passed it, nothing has expired and a full
+    /// shard need not be swept.
+    first_exp: u64,
 }
 
 /// The successful verifications of one JWT source (see the module docs).
@@ -87,6 +98,7 @@ impl VerifiedTokens {
                     Mutex::new(Shard {
                         map: HashMap::with_hasher(hash.clone()),
                         bytes: 0,
+                        first_exp: u64::MAX,
                     })
                 })
                 .collect(),
@@ -96,9 +108,9 @@ impl VerifiedTokens {
     }
 
     fn shard(&self, token: &[u8]) -> MutexGuard<'_, Shard> {
-        let h = self.hash.hash_one(token) as usize;
+        let h = self.hash.hash_one(token);
         // The map's own buckets use the low bits of the same hash.
-        let shard = &self.shards[(h >> 32) % SHARDS];
+        let shard = &self.shards[((h >> 32) as usize) % SHARDS];
         shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -114,8 +126,8 @@ impl VerifiedTokens {
         if self.holds(e, now) {
             return Some((e.tenant.clone(), e.tier.clone()));
         }
-        if shard.map.remove(token).is_some() {
-            shard.bytes -= token.len();
+        if let Some(e) = shard.map.remove(token) {
+            shard.bytes -= e.cost;
         }
         None
     }
@@ -134,42 +146,62 @@ impl VerifiedTokens {
         if token.len() > MAX_CACHED_TOKEN {
             return;
         }
+        let cost = token.len()
+            + tenant.as_str().len()
+            + tier.as_deref().map_or(0, str::len)
+            + ENTRY_OVERHEAD;
         let entry = Entry {
             tenant,
             tier,
             exp,
             nbf,
+            cost,
         };
         let mut shard = self.shard(token);
-        if let Some(e) = shard.map.get_mut(token) {
-            *e = entry;
-            return;
+        let Shard {
+            map,
+            bytes,
+            first_exp,
+        } = &mut *shard;
+        if let Some(old) = map.remove(token) {
+            *bytes -= old.cost;
         }
-        if shard.bytes + token.len() > SHARD_BYTES {
-            let Shard { map, bytes } = &mut *shard;
-            map.retain(|t, e| {
-                let keep = self.holds(e, now);
-                if !keep {
-                    *bytes -= t.len();
-                }
-                keep
-            });
-            while *bytes + token.len() > SHARD_BYTES {
-                let Some(victim) = map.keys().next().cloned() else {
-                    break;
-                };
-                map.remove(&victim);
-                *bytes -= victim.len();
+        if *bytes + cost > SHARD_BYTES {
+            if *first_exp < now.saturating_sub(self.leeway) {
+                *first_exp = u64::MAX;
+                map.retain(|_, e| {
+                    let keep = self.holds(e, now);
+                    if keep {
+                        *first_exp = (*first_exp).min(e.exp);
+                    } else {
+                        *bytes -= e.cost;
+                    }
+                    keep
+                });
+            }
+            if *bytes + cost > SHARD_BYTES {
+                // Arbitrary ones (the map's order), down to three quarters.
+                map.retain(|_, e| {
+                    if *bytes + cost <= SHARD_BYTES / 4 * 3 {
+                        return true;
+                    }
+                    *bytes -= e.cost;
+                    false
+                });
             }
         }
-        shard.bytes += token.len();
-        shard.map.insert(token.into(), entry);
+        *bytes += cost;
+        *first_exp = (*first_exp).min(exp);
+        map.insert(token.into(), entry);
     }
 
     /// jsonwebtoken's time rule (`validation.rs`: a token is expired when
     /// `exp < now - leeway`, premature when `nbf > now + leeway`).
+    /// A clock that reads earlier than the leeway (before 1970 and a bit)
+    /// holds nothing: jsonwebtoken would refuse or panic there.
     fn holds(&self, e: &Entry, now: u64) -> bool {
-        e.exp >= now.saturating_sub(self.leeway)
+        now > self.leeway
+            && e.exp >= now - self.leeway
             && e.nbf
                 .is_none_or(|nbf| nbf <= now.saturating_add(self.leeway))
     }
@@ -285,31 +317,77 @@ mod tests {
     #[test]
     fn too_long_tokens_are_not_kept() {
         let c = cache();
+        let longest = vec![b'a'; MAX_CACHED_TOKEN];
+        c.insert(&longest, tenant("acme"), None, NOW + 60, None, NOW);
+        assert!(c.get(&longest, NOW).is_some());
         let long = vec![b'a'; MAX_CACHED_TOKEN + 1];
         c.insert(&long, tenant("acme"), None, NOW + 60, None, NOW);
         assert!(c.get(&long, NOW).is_none());
-        assert_eq!(c.len(), 0);
+        assert_eq!(c.len(), 1);
     }
 
-    /// A shard never holds more than its bytes: expired tokens go first,
-    /// then others, and the newest is always kept.
+    /// A clock that reads before 1970 (plus the leeway) trusts nothing.
+    #[test]
+    fn a_clock_before_the_leeway_holds_nothing() {
+        let c = cache();
+        c.insert(b"t", tenant("acme"), None, NOW, None, NOW);
+        assert!(c.get(b"t", 31).is_some());
+        assert!(c.get(b"t", 30).is_none());
+        assert!(c.get(b"t", 0).is_none());
+    }
+
+    /// A shard never holds more than its bytes, counted with the
+    /// identities and the overhead, and the newest token is always kept.
     #[test]
     fn shards_stay_within_their_bytes() {
         let c = cache();
         let token = |i: usize| format!("{i:0>4000}").into_bytes();
         let n = SHARD_BYTES / 4000 * SHARDS * 3;
+        let tier: Arc<str> = Arc::from("enterprise");
         for i in 0..n {
-            // Every other token is already expired at the next insert.
-            let exp = if i % 2 == 0 { NOW } else { NOW + 600 };
-            c.insert(&token(i), tenant("acme"), None, exp, None, NOW + 31);
-            assert!(c.get(&token(i), NOW).is_some());
+            c.insert(
+                &token(i),
+                tenant("acme"),
+                Some(tier.clone()),
+                NOW + 600,
+                None,
+                NOW,
+            );
+            assert!(c.get(&token(i), NOW).is_some(), "the newest is kept");
         }
         for s in c.shards.iter() {
             let s = s.lock().unwrap();
             assert!(s.bytes <= SHARD_BYTES, "{} bytes", s.bytes);
-            assert_eq!(s.bytes, s.map.keys().map(|k| k.len()).sum::<usize>());
+            let counted: usize = s.map.values().map(|e| e.cost).sum();
+            assert_eq!(s.bytes, counted);
+            assert_eq!(counted, s.map.len() * (4000 + 4 + 10 + ENTRY_OVERHEAD));
         }
         assert!(c.len() < n);
-        assert!(c.len() >= SHARDS);
+    }
+
+    /// A full shard makes room by dropping its expired tokens before it
+    /// pushes out live ones.
+    #[test]
+    fn a_full_shard_drops_expired_tokens_first() {
+        let c = cache();
+        let token = |i: usize| format!("{i:0>1000}").into_bytes();
+        // Every shard full, twice over, of tokens that expire at NOW.
+        let full = SHARD_BYTES / 1000 * SHARDS * 2;
+        for i in 0..full {
+            c.insert(&token(i), tenant("acme"), None, NOW, None, NOW);
+        }
+        // Later, live tokens: a quarter of the room in all, so no shard
+        // needs to push out any of them.
+        let later = NOW + 31;
+        let live = full..full + SHARD_BYTES / 1000 * SHARDS / 4;
+        for i in live.clone() {
+            c.insert(&token(i), tenant("acme"), None, NOW + 600, None, later);
+        }
+        for i in live {
+            assert!(
+                c.get(&token(i), later).is_some(),
+                "live token {i} was pushed out"
+            );
+        }
     }
 }
