@@ -40,9 +40,9 @@ tenants:
   acme: { tier: enterprise }
 "#;
 
-/// HS256 JWT source (issuer + audience, tier claim) then an `x-tenant-id`
-/// header source; anonymous requests rejected.
-fn hs256_config(upstream: &str) -> String {
+/// A config in front of `upstream` with identity `sources` (YAML list
+/// items, indented four spaces) and anonymous requests rejected.
+fn config_with_sources(upstream: &str, sources: &str) -> String {
     format!(
         r#"
 server:
@@ -53,7 +53,19 @@ upstream:
   url: "{upstream}"
 identity:
   sources:
-    - type: jwt
+{sources}
+  anonymous: reject
+{TIERS}"#
+    )
+}
+
+/// HS256 JWT source (issuer + audience, tier claim) then an `x-tenant-id`
+/// header source; anonymous requests rejected.
+fn hs256_config(upstream: &str) -> String {
+    config_with_sources(
+        upstream,
+        &format!(
+            r#"    - type: jwt
       header: authorization
       algorithms: [HS256]
       secret_env: TIERGATE_JWT_SECRET
@@ -62,34 +74,25 @@ identity:
       tenant_claim: tenant_id
       tier_claim: tier
     - type: header
-      name: x-tenant-id
-  anonymous: reject
-{TIERS}"#
+      name: x-tenant-id"#
+        ),
     )
 }
 
 /// RS256 JWT source verifying with the fixture public key.
 fn rs256_config(upstream: &str) -> String {
-    format!(
-        r#"
-server:
-  listen: "127.0.0.1:0"
-admin:
-  listen: "127.0.0.1:0"
-upstream:
-  url: "{upstream}"
-identity:
-  sources:
-    - type: jwt
+    config_with_sources(
+        upstream,
+        &format!(
+            r#"    - type: jwt
       algorithms: [RS256]
       public_key_file: "{key}"
       tenant_claim: tenant_id
       tier_claim: tier
     - type: header
-      name: x-tenant-id
-  anonymous: reject
-{TIERS}"#,
-        key = fixture("rsa_public.pem")
+      name: x-tenant-id"#,
+            key = fixture("rsa_public.pem")
+        ),
     )
 }
 
@@ -454,24 +457,15 @@ async fn a_key_removed_from_the_jwks_at_reload_stops_its_remembered_tokens() {
     std::fs::write(&jwks_path, full.to_string()).unwrap();
 
     let up = Upstream::start();
-    let yaml = format!(
-        r#"
-server:
-  listen: "127.0.0.1:0"
-admin:
-  listen: "127.0.0.1:0"
-upstream:
-  url: "{}"
-identity:
-  sources:
-    - type: jwt
+    let yaml = config_with_sources(
+        &up.url(),
+        &format!(
+            r#"    - type: jwt
       algorithms: [RS256, ES256]
       jwks_file: "{}"
-      tenant_claim: tenant_id
-  anonymous: reject
-{TIERS}"#,
-        up.url(),
-        jwks_path.display()
+      tenant_claim: tenant_id"#,
+            jwks_path.display()
+        ),
     );
     let tg = Tiergate::start(&yaml);
     let url = format!("{}/x", tg.proxy_url());
