@@ -5,6 +5,9 @@
 //! only loads key material, prebuilds the [`Validation`]s once, picks the key
 //! for a token and maps `jsonwebtoken` errors to short client-facing messages
 //! ([`JwtError`]), which never contain key material or internal details.
+//! Requests go through `JwtSource::identify`, which remembers the tokens
+//! that verified until their `exp` (module `verified`), so a client's next
+//! requests skip the signature check.
 //!
 //! Security rules enforced here:
 //!
@@ -199,7 +202,7 @@ impl JwtSource {
 
     /// Verifies `Bearer <jwt>` (scheme case-insensitive) and returns the
     /// tenant and tier claims. Every call verifies in full; requests go
-    /// through [`JwtSource::identify`], which remembers the tokens that
+    /// through `JwtSource::identify`, which remembers the tokens that
     /// verified.
     pub fn verify(&self, value: &HeaderValue) -> Result<VerifiedClaims, JwtError> {
         let token = bearer_token(value.as_bytes())?;
