@@ -503,13 +503,7 @@ async fn a_key_removed_from_the_jwks_at_reload_stops_its_remembered_tokens() {
     let tmp = keys.path().join("jwks.json.tmp");
     std::fs::write(&tmp, rotated.to_string()).unwrap();
     std::fs::rename(&tmp, &jwks_path).unwrap();
-    tg.sighup();
-    assert!(
-        tg.wait_for_log("config reloaded", Duration::from_secs(5))
-            .is_some(),
-        "{}",
-        tg.dump()
-    );
+    tg.reload_by_sighup();
 
     let (status, headers, body, text) = get(&url, &[("authorization", &rsa)]).await;
     if let Some(m) = error_mismatch(status, &headers, &body, &text, 401, "invalid_token") {

@@ -172,6 +172,30 @@ impl Tiergate {
         self.signal("HUP");
     }
 
+    /// Sends SIGHUP and waits (5 s) until the process logs one more
+    /// "config reloaded" line than before; panics with its output if not.
+    pub fn reload_by_sighup(&self) {
+        let reloads = || {
+            self.logs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains("config reloaded"))
+                .count()
+        };
+        let before = reloads();
+        self.sighup();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while reloads() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "no \"config reloaded\" log after SIGHUP\n{}",
+                self.dump()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// Sends SIGINT (same as Ctrl-C).
     pub fn sigint(&self) {
         self.signal("INT");
