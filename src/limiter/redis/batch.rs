@@ -44,6 +44,7 @@
 //! lives wherever its decisions are made (each worker's current-thread
 //! runtime), costs nothing while idle and cannot be left behind.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,15 +57,17 @@ use super::super::LimiterError;
 
 /// Check-and-debit over a sequence of decisions.
 ///
-/// KEYS are the buckets of the decisions, in order. The decisions come in
-/// *runs*: consecutive decisions with the same buckets and the same
-/// arguments (a busy tenant's concurrent requests) are sent once, with how
-/// many they are. ARGV holds, per run, its bucket count `n` and its length
-/// `count`, followed by `interval, tau, cost` per bucket (microseconds,
-/// tokens); KEYS holds each run's `n` keys once. Each bucket is a string
-/// key holding `<tat>:<interval>`; a TAT stored under another interval is
-/// re-expressed in the current one (see `Gcra::normalize`) and written back
-/// even when the decision is refused, so that the conversion happens once.
+/// KEYS are the batch's buckets, each once, in order of first use. The
+/// decisions come in *runs*: consecutive decisions with the same buckets
+/// and the same arguments (a busy tenant's concurrent requests) are sent
+/// once, with how many they are. ARGV is one string of little-endian
+/// `f64`s, read with Redis's bundled `struct` library: per run, its bucket
+/// count `n` and its length `count`, followed by `key, interval, tau, cost`
+/// per bucket (`key` a 1-based index into KEYS; microseconds and tokens).
+/// Each bucket is a string key holding `<tat>:<interval>`; a TAT stored
+/// under another interval is re-expressed in the current one (see
+/// `Gcra::normalize`) and written back even when the decision is refused,
+/// so that the conversion happens once.
 ///
 /// A run is decided exactly as its decisions would be one by one: each is
 /// all-or-nothing over its buckets and, admitted, moves every bucket's TAT
@@ -73,8 +76,16 @@ use super::super::LimiterError;
 /// the admitted prefix instead of re-reading the arguments per decision.
 ///
 /// The keys are read with one `MGET` and each changed key is written once,
-/// at the end, with its final value: the decisions in between work on a
-/// Lua table.
+/// at the end, with its final value: the decisions in between work on Lua
+/// arrays indexed like KEYS.
+///
+/// Why this shape (callgrind on redis-server 7.0, a call of 9 decisions of
+/// distinct tenants): the arguments as decimal strings cost a `strtod`
+/// each, twice under `tonumber`, and Redis builds a Lua string and a table
+/// slot per argument; tables keyed by key name grew and rehashed on every
+/// call. Packed doubles (the same values `strtod` would give: both round
+/// to nearest), KEYS deduplicated by the caller and the TTL formatted as
+/// an integer took the script from ~480k to ~353k instructions per call.
 ///
 /// Returns one flat array: `now`, then per run the number admitted (a
 /// prefix of the run) followed by its `n` TATs as they were before the
@@ -83,53 +94,53 @@ use super::super::LimiterError;
 /// retry-after) with `evaluate`, the arithmetic the memory backend uses.
 pub(super) const SCRIPT: &str = r#"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = t[1] * 1000000 + t[2]
 local reply = { now }
--- Every bucket's stored state, read once; runs then read and write this
--- table, and each changed key is written once at the end.
-local values = #KEYS > 0 and redis.call('MGET', unpack(KEYS)) or {}
-local tat_of, interval_of = {}, {}
-local dirty, order = {}, {}
-for i = 1, #KEYS do
-  local key = KEYS[i]
-  if tat_of[key] == nil then
-    local v = values[i]
-    local stored, stored_interval = 0, false
-    if v then
-      local sep = string.find(v, ':', 1, true)
-      stored = tonumber(string.sub(v, 1, (sep or 0) - 1)) or 0
-      stored_interval = sep and tonumber(string.sub(v, sep + 1)) or false
-    end
-    tat_of[key] = stored
-    interval_of[key] = stored_interval
+local nreply = 1
+-- Every bucket's stored state, read once into arrays indexed like KEYS;
+-- runs then read and write these, and each changed key is written once
+-- at the end.
+local nkeys = #KEYS
+local values = nkeys > 0 and redis.call('MGET', unpack(KEYS)) or {}
+local tat_of, interval_of, dirty = {}, {}, {}
+for i = 1, nkeys do
+  local v = values[i]
+  local stored, stored_interval = 0, false
+  if v then
+    local sep = string.find(v, ':', 1, true)
+    stored = tonumber(string.sub(v, 1, (sep or 0) - 1)) or 0
+    stored_interval = sep and tonumber(string.sub(v, sep + 1)) or false
   end
+  tat_of[i] = stored
+  interval_of[i] = stored_interval
+  dirty[i] = false
 end
-local k = 0
-local a = 0
-local nargv = #ARGV
-local tats, steps, taus, intervals, converted = {}, {}, {}, {}, {}
-while a < nargv do
-  local n = tonumber(ARGV[a + 1])
-  local count = tonumber(ARGV[a + 2])
-  a = a + 2
+local args = ARGV[1]
+local pos, len = 1, #args
+local read = struct.unpack
+local slots, tats, steps, taus, intervals, converted = {}, {}, {}, {}, {}, {}
+while pos <= len do
+  local n, count
+  n, count, pos = read('<dd', args, pos)
   for i = 1, n do
-    local key = KEYS[k + i]
-    local interval = tonumber(ARGV[a + 3 * i - 2])
+    local s, interval, tau, cost
+    s, interval, tau, cost, pos = read('<dddd', args, pos)
     local tat = now
-    local stored = tat_of[key]
+    local stored = tat_of[s]
     converted[i] = false
     if stored > now then
-      local stored_interval = interval_of[key]
+      local stored_interval = interval_of[s]
       if stored_interval and stored_interval ~= interval and stored_interval > 0 then
         stored = now + math.floor((stored - now) * interval / stored_interval)
         converted[i] = true
       end
       tat = stored
     end
+    slots[i] = s
     tats[i] = tat
     intervals[i] = interval
-    taus[i] = tonumber(ARGV[a + 3 * i - 1])
-    steps[i] = tonumber(ARGV[a + 3 * i]) * interval
+    taus[i] = tau
+    steps[i] = cost * interval
   end
   -- The admitted prefix: decision m (0-based) sees every TAT moved on by
   -- the m admitted before it.
@@ -145,28 +156,27 @@ while a < nargv do
     if not ok then break end
     m = m + 1
   end
-  reply[#reply + 1] = m
+  nreply = nreply + 1
+  reply[nreply] = m
   for i = 1, n do
-    reply[#reply + 1] = tats[i]
+    nreply = nreply + 1
+    reply[nreply] = tats[i]
     if m > 0 or converted[i] then
-      local key = KEYS[k + i]
-      tat_of[key] = tats[i] + m * steps[i]
-      interval_of[key] = intervals[i]
-      if not dirty[key] then
-        dirty[key] = true
-        order[#order + 1] = key
-      end
+      local s = slots[i]
+      tat_of[s] = tats[i] + m * steps[i]
+      interval_of[s] = intervals[i]
+      dirty[s] = true
     end
   end
-  k = k + n
-  a = a + 3 * n
 end
-for j = 1, #order do
-  local key = order[j]
-  local tat = tat_of[key]
-  local ttl = math.ceil((tat - now) / 1000)
-  if ttl < 1 then ttl = 1 end
-  redis.call('SET', key, string.format('%d:%d', tat, interval_of[key]), 'PX', ttl)
+for i = 1, nkeys do
+  if dirty[i] then
+    local tat = tat_of[i]
+    local ttl = math.ceil((tat - now) / 1000)
+    if ttl < 1 then ttl = 1 end
+    redis.call('SET', KEYS[i], string.format('%d:%d', tat, interval_of[i]), 'PX',
+      string.format('%d', ttl))
+  end
 end
 return reply
 "#;
@@ -233,17 +243,11 @@ pub(super) async fn call<C: redis::aio::ConnectionLike>(
 ) -> Result<Vec<Verdict>, LimiterError> {
     let runs = runs(reqs);
     let mut inv = script.prepare_invoke();
-    for &(r, _) in &runs {
-        for key in &r.keys[..r.n] {
-            inv.key(key.as_str());
-        }
+    let (keys, args) = encode(&runs);
+    for key in keys {
+        inv.key(key);
     }
-    for &(r, count) in &runs {
-        inv.arg(r.n).arg(count);
-        for a in &r.args[..3 * r.n] {
-            inv.arg(*a);
-        }
-    }
+    inv.arg(args);
     let call = async {
         match inv.invoke_async::<Vec<u64>>(conn).await {
             // A connection that broke while the circuit was open (or idle)
@@ -271,6 +275,32 @@ fn runs<'a>(reqs: &[&'a Request]) -> Vec<(&'a Request, usize)> {
         }
     }
     runs
+}
+
+/// The script's KEYS and ARGV for `runs`: each key once, in order of first
+/// use, and the runs' numbers as little-endian `f64`s, a key given by its
+/// 1-based place in KEYS (see [`SCRIPT`]).
+fn encode<'a>(runs: &[(&'a Request, usize)]) -> (Vec<&'a str>, Vec<u8>) {
+    let mut keys: Vec<&str> = Vec::with_capacity(runs.len());
+    let mut index: HashMap<&str, usize> = HashMap::with_capacity(runs.len());
+    let size = runs.iter().map(|(r, _)| 8 * (2 + 4 * r.n)).sum();
+    let mut args = Vec::with_capacity(size);
+    let mut put = |v: u64| args.extend_from_slice(&(v as f64).to_le_bytes());
+    for &(r, count) in runs {
+        put(r.n as u64);
+        put(count as u64);
+        for (i, key) in r.keys[..r.n].iter().enumerate() {
+            let at = *index.entry(key.as_str()).or_insert_with(|| {
+                keys.push(key.as_str());
+                keys.len()
+            });
+            put(at as u64);
+            for &a in &r.args[3 * i..3 * i + 3] {
+                put(a);
+            }
+        }
+    }
+    (keys, args)
 }
 
 /// Splits the script's flat reply into one verdict per decision of `runs`
@@ -563,6 +593,50 @@ mod tests {
         c.args[11] = 7;
         let got: Vec<usize> = runs(&[&a, &a2, &c, &b, &a]).iter().map(|r| r.1).collect();
         assert_eq!(got, [3, 1, 1], "same, same, same, other cost, same again");
+    }
+
+    #[test]
+    fn encode_sends_each_key_once_and_refers_to_it_by_place() {
+        // Runs: a0+a1 twice (costs 1, then 2), b0, then a1's tenant again.
+        let (a, a_cost2, b, a1) = (
+            req("a", 2, 1),
+            req("a", 2, 2),
+            req("b", 1, 1),
+            req("a", 1, 1),
+        );
+        let mut a1 = a1;
+        a1.keys[0] = "a1".into();
+        let runs = runs(&[&a, &a, &a_cost2, &b, &a1]);
+        let (keys, args) = encode(&runs);
+        assert_eq!(keys, ["a0", "a1", "b0"]);
+        let nums: Vec<f64> = args
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        #[rustfmt::skip]
+        let want = [
+            2.0, 2.0, 1.0, 10.0, 100.0, 1.0, 2.0, 10.0, 100.0, 1.0, // a0 a1, twice
+            2.0, 1.0, 1.0, 10.0, 100.0, 2.0, 2.0, 10.0, 100.0, 2.0, // cost 2
+            1.0, 1.0, 3.0, 10.0, 100.0, 1.0,                        // b0
+            1.0, 1.0, 2.0, 10.0, 100.0, 1.0,                        // a1 alone
+        ];
+        assert_eq!(nums, want);
+    }
+
+    #[test]
+    fn encode_gives_a_u64_the_double_strtod_would() {
+        // Past 2^53 a u64 has no exact double: both round to nearest.
+        let mut r = req("k", 1, 1);
+        r.args[..3].copy_from_slice(&[(1 << 53) + 1, u64::MAX, 1]);
+        let (_, args) = encode(&runs(&[&r]));
+        // n, count, key, then interval and tau.
+        let interval = f64::from_le_bytes(args[24..32].try_into().unwrap());
+        let tau = f64::from_le_bytes(args[32..40].try_into().unwrap());
+        assert_eq!(
+            interval,
+            ((1u64 << 53) + 1).to_string().parse::<f64>().unwrap()
+        );
+        assert_eq!(tau, u64::MAX.to_string().parse::<f64>().unwrap());
     }
 
     #[test]
