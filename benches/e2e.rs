@@ -30,9 +30,10 @@
 //! per-pair ratios, their range and how many pairs favour the subject:
 //! drift between pairs cancels out, and the spread is visible. The
 //! comparisons are every target against nginx + `limit_req`, the redis
-//! backend against the memory backend (the issue's redis target), and
-//! each tiergate backend against its baseline when `E2E_BASELINE_BIN` is
-//! set.
+//! backend against the memory backend (the issue's redis target), each
+//! tiergate backend against its baseline when `E2E_BASELINE_BIN` is set
+//! and, in tenants mode, each tiergate backend serving the many tenants
+//! against itself serving one (the issue's "cost flat in tenants").
 //!
 //! `hyper floor` (see `e2e/floor.rs`) is a bare hyper proxy built like
 //! tiergate's server with nothing else in it: its ratio to nginx +
@@ -540,14 +541,27 @@ fn throughput(s: &Settings, list: &mut [Target], scripts: &Scripts) {
     );
 }
 
-/// The comparisons of pairs mode, as (reference, subject) indexes into
-/// the target list: every target against nginx + `limit_req`, redis
-/// against memory, and each backend against its baseline.
-fn comparisons(list: &[Target]) -> Vec<(usize, usize)> {
+/// One comparison of pairs mode: the reference and the subject, as
+/// indexes into the target list.
+#[derive(Clone, Copy)]
+struct Cmp {
+    a: usize,
+    b: usize,
+    /// Tenants mode's flatness check: `a` is `b` itself serving one
+    /// tenant, while `b` serves the many.
+    flat: bool,
+}
+
+/// The comparisons of pairs mode: every target against nginx +
+/// `limit_req`, redis against memory, each backend against its baseline
+/// and, in tenants mode, each tiergate target against itself serving one
+/// tenant (issue #6's "cost flat in tenants").
+fn comparisons(list: &[Target], mode: Mode) -> Vec<Cmp> {
     let at = |name: &str| list.iter().position(|t| t.name == name);
+    let cmp = |a, b| Cmp { a, b, flat: false };
     let mut out = Vec::new();
     if let Some(r) = at(REFERENCE) {
-        out.extend((0..list.len()).filter(|&i| i != r).map(|i| (r, i)));
+        out.extend((0..list.len()).filter(|&i| i != r).map(|i| cmp(r, i)));
     }
     for (a, b) in [
         ("hyper floor", "tiergate memory"),
@@ -556,10 +570,33 @@ fn comparisons(list: &[Target]) -> Vec<(usize, usize)> {
         ("baseline redis", "tiergate redis"),
     ] {
         if let (Some(a), Some(b)) = (at(a), at(b)) {
-            out.push((a, b));
+            out.push(cmp(a, b));
+        }
+    }
+    if mode == Mode::Tenants {
+        for name in ["tiergate memory", "tiergate redis"] {
+            if let Some(i) = at(name) {
+                out.push(Cmp {
+                    a: i,
+                    b: i,
+                    flat: true,
+                });
+            }
         }
     }
     out
+}
+
+/// The names a comparison's table row gives its subject and reference.
+fn labels(list: &[Target], c: Cmp, tenants: u32) -> (String, String) {
+    if c.flat {
+        (
+            format!("{}, {tenants} tenants", list[c.b].name),
+            format!("{}, 1 tenant", list[c.a].name),
+        )
+    } else {
+        (list[c.b].name.to_string(), list[c.a].name.to_string())
+    }
 }
 
 /// The median of `v` (sorted in place); 0 for none.
@@ -578,26 +615,33 @@ fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
     let script = throughput_script(s, scripts);
     warm_up(s, list, &script);
     let n = s.pairs.unwrap_or(1);
-    let cmps = comparisons(list);
+    let cmps = comparisons(list, s.mode);
     if cmps.is_empty() {
         println!("e2e: pairs need two comparable targets (e.g. {REFERENCE} and tiergate memory)");
         return;
     }
+    let one = (scripts.one.clone(), vec![]);
     // Per (conns, comparison): each pair's (reference, subject) samples.
     let mut done: BTreeMap<(usize, usize), Vec<(Sample, Sample)>> = BTreeMap::new();
     let mut dead = Vec::new();
     for &conns in &s.conns {
-        for (c, &(a, b)) in cmps.iter().enumerate() {
+        for (c, &cmp) in cmps.iter().enumerate() {
+            let sides = [
+                (cmp.a, if cmp.flat { &one } else { &script }),
+                (cmp.b, &script),
+            ];
+            let (sub, against) = labels(list, cmp, scripts.tenants);
             for p in 0..n {
-                let order = if p % 2 == 0 { [a, b] } else { [b, a] };
+                let order = if p % 2 == 0 { [0, 1] } else { [1, 0] };
                 let mut got: [Option<Sample>; 2] = [None, None];
-                for i in order {
+                for side in order {
+                    let (i, load_script) = sides[side];
                     let t = &mut list[i];
                     if !check_alive(t, &mut dead) {
                         break;
                     }
-                    match measure(t, &load(s.duration, t.port, conns, &script)) {
-                        Ok(smp) => got[usize::from(i == b)] = Some(smp),
+                    match measure(t, &load(s.duration, t.port, conns, load_script)) {
+                        Ok(smp) => got[side] = Some(smp),
                         Err(e) => eprintln!("{} c{conns}: {e}", t.name),
                     }
                     pause();
@@ -606,10 +650,10 @@ fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
                     eprintln!(
                         "pair {}/{n} c{conns:<4} {:<20} {:>9.0} req/s {:>5.1} us/req | {:<20} {:>9.0} req/s {:>5.1} us/req | ratio {:.3}",
                         p + 1,
-                        list[a].name,
+                        against,
                         ra.r.rps,
                         ra.cpu_us_per_req,
-                        list[b].name,
+                        sub,
                         rb.r.rps,
                         rb.cpu_us_per_req,
                         rb.r.rps / ra.r.rps.max(1.0)
@@ -626,10 +670,11 @@ fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
     );
     println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for &conns in &s.conns {
-        for (c, &(a, b)) in cmps.iter().enumerate() {
+        for (c, &cmp) in cmps.iter().enumerate() {
             let Some(v) = done.get(&(conns, c)) else {
                 continue;
             };
+            let (sub, against) = labels(list, cmp, scripts.tenants);
             let mut ratios: Vec<f64> = v
                 .iter()
                 .map(|(ra, rb)| rb.r.rps / ra.r.rps.max(1.0))
@@ -641,8 +686,8 @@ fn pairs(s: &Settings, list: &mut [Target], scripts: &Scripts) {
             };
             println!(
                 "| {} | {} | {} | {} | {:.2} | {:.2}–{:.2} | {} of {} | {:.1} vs {:.1} | {} vs {} | {} | {:.2} |",
-                list[b].name,
-                list[a].name,
+                sub,
+                against,
                 conns,
                 v.len(),
                 med,
