@@ -597,14 +597,9 @@ mod tests {
 
     #[test]
     fn encode_sends_each_key_once_and_refers_to_it_by_place() {
-        // Runs: a0+a1 twice (costs 1, then 2), b0, then a1's tenant again.
-        let (a, a_cost2, b, a1) = (
-            req("a", 2, 1),
-            req("a", 2, 2),
-            req("b", 1, 1),
-            req("a", 1, 1),
-        );
-        let mut a1 = a1;
+        // Runs: a0+a1 twice (costs 1, then 2), b0, then key a1 alone.
+        let (a, a_cost2, b) = (req("a", 2, 1), req("a", 2, 2), req("b", 1, 1));
+        let mut a1 = req("a", 1, 1);
         a1.keys[0] = "a1".into();
         let runs = runs(&[&a, &a, &a_cost2, &b, &a1]);
         let (keys, args) = encode(&runs);
