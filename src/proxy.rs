@@ -15,7 +15,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use tokio::net::TcpStream;
 
@@ -211,6 +211,7 @@ impl Upstream {
         connector.set_keepalive(Some(TCP_KEEPALIVE));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(POOL_IDLE)
+            .pool_timer(TokioTimer::new())
             .pool_max_idle_per_host(1024)
             .build(connector);
         let scheme = cfg.url.scheme().cloned().unwrap_or(Scheme::HTTP);
@@ -437,6 +438,11 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// closing it: the pool's clock starts when the last response has been
 /// read out, which a slow client can make later than the upstream's. A
 /// busy pool keeps its connections.
+///
+/// The pool's timer also closes connections idle for longer than this,
+/// once a second: without it, checkout only skips them, and a burst that
+/// grew the pool to hundreds of connections kept them all (each ~25 KB
+/// here, and a socket at the upstream) until the upstream closed them.
 const POOL_IDLE: Duration = Duration::from_secs(1);
 
 /// A copy of `req` to send again if the reused connection it goes out on

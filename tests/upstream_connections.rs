@@ -213,56 +213,72 @@ fn a_get_is_sent_again_only_once() {
     assert_eq!(up.accepted(), 2);
 }
 
-/// The shared pool does not reuse a connection that has been idle for over
-/// a second, so an upstream's keep-alive timer cannot close one under a
-/// request. Here the pool carries an HTTP/2 stream sent while another
-/// stream (a POST whose body is still coming) holds the client
-/// connection's own upstream connection.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_shared_pool_does_not_reuse_a_connection_idle_for_over_a_second() {
-    use std::convert::Infallible;
+/// A request body of HTTP/2 test streams, fed chunk by chunk.
+type Frames = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
 
-    use bytes::Bytes;
-    use http_body_util::StreamBody;
-    use hyper::body::Frame;
-    use tokio::sync::mpsc;
-
-    type Frames = std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>,
-    >;
-    let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
-    let tg = Tiergate::start(&racing_config(&up));
-    /// A request body fed chunk by chunk through a channel.
-    fn body(rx: mpsc::Receiver<Bytes>) -> StreamBody<Frames> {
-        StreamBody::new(Box::pin(futures_util::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) },
-        )))
-    }
-    let sender = h2c_connect::<StreamBody<Frames>>(tg.proxy_addr()).await;
-    let pooled_get = |path: &'static str| {
-        let mut s = sender.clone();
-        async move {
-            // A body that ends at once (its sender is gone).
-            let (_, rx) = mpsc::channel::<Bytes>(1);
-            let req = hyper::Request::builder()
-                .uri(format!("http://t{path}"))
-                .header("x-tenant-id", "acme")
-                .body(body(rx))
-                .unwrap();
-            tokio::time::timeout(Duration::from_secs(5), s.send_request(req))
+/// A request body fed chunk by chunk through a channel; it ends when the
+/// channel's sender is dropped.
+fn body(rx: tokio::sync::mpsc::Receiver<bytes::Bytes>) -> http_body_util::StreamBody<Frames> {
+    http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+        rx,
+        |mut rx| async move {
+            rx.recv()
                 .await
-                .expect("answered in time")
-                .expect("stream")
-                .status()
-                .as_u16()
+                .map(|b| (Ok(hyper::body::Frame::data(b)), rx))
+        },
+    )))
+}
+
+/// One h2c client connection whose streams can be made to hold the client
+/// connection's own upstream connection, so that the next go through the
+/// worker's shared pool.
+struct Streams {
+    sender: hyper::client::conn::http2::SendRequest<http_body_util::StreamBody<Frames>>,
+}
+
+/// A stream's body sender and its answer, once it comes.
+type Held = (
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    tokio::task::JoinHandle<hyper::Result<hyper::StatusCode>>,
+);
+
+impl Streams {
+    async fn connect(addr: SocketAddr) -> Streams {
+        Streams {
+            sender: h2c_connect(addr).await,
         }
-    };
-    // A POST of 10 bytes of which 5 are sent: it holds the client
-    // connection's own upstream connection until the rest comes.
-    let holding = |path: &'static str| {
-        let mut s = sender.clone();
-        let (tx, rx) = mpsc::channel::<Bytes>(4);
+    }
+
+    /// A bodiless GET for tenant acme, answered within 5 s: its status.
+    async fn pooled_get(&self, path: &'static str) -> u16 {
+        let mut s = self.sender.clone();
+        // A body that ends at once (its sender is gone).
+        let (_, rx) = tokio::sync::mpsc::channel(1);
+        let req = hyper::Request::builder()
+            .uri(format!("http://t{path}"))
+            .header("x-tenant-id", "acme")
+            .body(body(rx))
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), s.send_request(req))
+            .await
+            .expect("answered in time")
+            .expect("stream")
+            .status()
+            .as_u16()
+    }
+
+    /// A POST of 10 bytes, none sent yet: once its first bytes are, it
+    /// holds the client connection's own upstream connection until the
+    /// rest comes.
+    fn holding(&self, path: &'static str) -> Held {
+        let mut s = self.sender.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
         let req = hyper::Request::builder()
             .method("POST")
             .uri(format!("http://t{path}"))
@@ -272,28 +288,72 @@ async fn the_shared_pool_does_not_reuse_a_connection_idle_for_over_a_second() {
             .unwrap();
         let answer = tokio::spawn(async move { s.send_request(req).await.map(|r| r.status()) });
         (tx, answer)
-    };
+    }
+}
 
-    let (a_tx, a) = holding("/a");
+/// A connection the shared pool no longer hands out is closed, not kept:
+/// a burst that grew the pool must not hold the upstream's sockets (and
+/// tiergate's memory) after it. Here one stream holds the client
+/// connection's own upstream connection while another goes through the
+/// pool; the pooled one, then idle, is closed within a few seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_pool_closes_a_connection_idle_for_over_a_second() {
+    use bytes::Bytes;
+
+    let up = CountingUpstream::start(false);
+    let tg = Tiergate::start(&config(&up.url(), ""));
+    let h2 = Streams::connect(tg.proxy_addr()).await;
+    let (a_tx, a) = h2.holding("/a");
     a_tx.send(Bytes::from_static(b"hello")).await.unwrap();
     assert!(
         poll_until(Duration::from_secs(5), || up.heads() == 1),
         "stream A reached the upstream"
     );
-    assert_eq!(pooled_get("/b").await, 200, "stream B, through the pool");
+    assert_eq!(h2.pooled_get("/b").await, 200, "stream B, through the pool");
+    assert_eq!(up.open(), 2, "one connection each");
+    assert!(
+        poll_until(Duration::from_secs(10), || up.open() == 1),
+        "the pooled connection is still open 10 s after its response"
+    );
+    // Stream A's own connection was left alone.
+    a_tx.send(Bytes::from_static(b"world")).await.unwrap();
+    assert_eq!(a.await.unwrap().expect("stream A").as_u16(), 200);
+    assert_eq!(up.accepted(), 2);
+}
+
+/// The shared pool does not reuse a connection that has been idle for over
+/// a second, so an upstream's keep-alive timer cannot close one under a
+/// request. Here the pool carries an HTTP/2 stream sent while another
+/// stream (a POST whose body is still coming) holds the client
+/// connection's own upstream connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shared_pool_does_not_reuse_a_connection_idle_for_over_a_second() {
+    let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
+    let tg = Tiergate::start(&racing_config(&up));
+    use bytes::Bytes;
+
+    let h2 = Streams::connect(tg.proxy_addr()).await;
+
+    let (a_tx, a) = h2.holding("/a");
+    a_tx.send(Bytes::from_static(b"hello")).await.unwrap();
+    assert!(
+        poll_until(Duration::from_secs(5), || up.heads() == 1),
+        "stream A reached the upstream"
+    );
+    assert_eq!(h2.pooled_get("/b").await, 200, "stream B, through the pool");
     assert_eq!(up.accepted(), 2, "one connection each");
     a_tx.send(Bytes::from_static(b"world")).await.unwrap();
     assert_eq!(a.await.unwrap().expect("stream A").as_u16(), 200);
 
     // Both upstream connections sit idle past a second.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (c_tx, _c) = holding("/c");
+    let (c_tx, _c) = h2.holding("/c");
     c_tx.send(Bytes::from_static(b"hello")).await.unwrap();
     assert!(
         poll_until(Duration::from_secs(5), || up.heads() == 3),
         "stream C reached the upstream"
     );
-    let d = pooled_get("/d").await;
+    let d = h2.pooled_get("/d").await;
     assert_eq!(
         d,
         200,
@@ -492,23 +552,9 @@ fn a_pause_in_the_middle_of_a_streaming_exchange_does_not_cut_it() {
 /// stream's upstream connection down with it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_http2_stream_does_not_wait_behind_a_streaming_one() {
-    use std::convert::Infallible;
-
     use bytes::Bytes;
-    use http_body_util::{BodyExt, StreamBody};
-    use hyper::body::Frame;
+    use http_body_util::BodyExt;
     use tokio::sync::mpsc;
-
-    type Frames = std::pin::Pin<
-        Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>,
-    >;
-    /// A request body fed chunk by chunk through a channel.
-    fn body(rx: mpsc::Receiver<Bytes>) -> StreamBody<Frames> {
-        StreamBody::new(Box::pin(futures_util::stream::unfold(
-            rx,
-            |mut rx| async move { rx.recv().await.map(|b| (Ok(Frame::data(b)), rx)) },
-        )))
-    }
 
     let up = Upstream::start();
     let tg = Tiergate::start(&config(&up.url(), ""));
