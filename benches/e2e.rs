@@ -330,13 +330,15 @@ fn run(s: &Settings, tmp: &Path) {
     }
     for t in &list {
         if let Some(admin) = t.admin {
-            let errors = targets::metric_sum(admin, "tiergate_backend_errors_total");
+            // By kind (timeout, unavailable, error): a total alone cannot
+            // say whether errors were a slow host or a broken Redis.
+            let errors = targets::metric_samples(admin, "tiergate_backend_errors_total");
             let degraded = targets::metric_sum(admin, "tiergate_backend_degraded");
             let throttled = targets::metric_sum(admin, "tiergate_tenant_throttled_total");
             println!(
                 "{}: backend_errors_total={} backend_degraded={} tenant_throttled_total={}",
                 t.name,
-                fmt_opt(errors),
+                errors.map_or("?".into(), |e| fmt_samples(&e)),
                 fmt_opt(degraded),
                 fmt_opt(throttled)
             );
@@ -344,6 +346,20 @@ fn run(s: &Settings, tmp: &Path) {
     }
     drop(list);
     drop(upstream);
+}
+
+/// `0`, or the nonzero samples: `{backend="redis",kind="timeout"}=16`.
+fn fmt_samples(samples: &[(String, f64)]) -> String {
+    let nonzero: Vec<String> = samples
+        .iter()
+        .filter(|(_, v)| *v != 0.0)
+        .map(|(labels, v)| format!("{labels}={v}"))
+        .collect();
+    if nonzero.is_empty() {
+        "0".into()
+    } else {
+        nonzero.join(",")
+    }
 }
 
 fn fmt_opt(v: Option<f64>) -> String {

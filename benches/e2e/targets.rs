@@ -392,21 +392,28 @@ fn probe(t: &Target) -> Result<(), String> {
     }
 }
 
-/// Sum of a metric's samples in tiergate's `/metrics` (by name prefix,
-/// all label sets).
-pub fn metric_sum(admin: u16, name: &str) -> Option<f64> {
+/// A metric's samples in tiergate's `/metrics`: each label set (`{...}`,
+/// or empty) with its value.
+pub fn metric_samples(admin: u16, name: &str) -> Option<Vec<(String, f64)>> {
     let (_, text) = http_get(admin, "/metrics", &[])?;
     let body = text.split("\r\n\r\n").nth(1)?;
     Some(
         body.lines()
-            .filter(|l| {
-                l.strip_prefix(name)
-                    .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+            .filter_map(|l| {
+                let rest = l.strip_prefix(name)?;
+                let (labels, value) = rest.rsplit_once(' ')?;
+                if !(labels.is_empty() || labels.starts_with('{')) {
+                    return None; // another metric sharing the prefix
+                }
+                Some((labels.to_string(), value.parse::<f64>().ok()?))
             })
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>()
-            + 0.0,
+            .collect(),
     )
+}
+
+/// Sum of a metric's samples over all label sets.
+pub fn metric_sum(admin: u16, name: &str) -> Option<f64> {
+    metric_samples(admin, name).map(|s| s.iter().map(|(_, v)| v).sum::<f64>() + 0.0)
 }
 
 /// CPU seconds used so far by `pids` and their direct children (nginx
