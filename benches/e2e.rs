@@ -7,6 +7,7 @@
 //! E2E_MODE=flood cargo bench --bench e2e                   # noisy neighbour
 //! E2E_MODE=tenants cargo bench --bench e2e                 # 100k distinct tenants
 //! E2E_MODE=jwt cargo bench --bench e2e                     # tiergate identifies by an RS256 token
+//! E2E_MODE=conns cargo bench --bench e2e                   # RSS holding 10,000 keep-alive connections
 //! ```
 //!
 //! Settings (environment):
@@ -14,9 +15,9 @@
 //! | variable | default | meaning |
 //! | --- | --- | --- |
 //! | `E2E_DURATION` | `10s` | length of each measured wrk run (`3s`, `1m`) |
-//! | `E2E_CONNS` | `64,256` | connection counts to measure (`wrk -t2 -cN`) |
+//! | `E2E_CONNS` | `64,256` | connection counts to measure (`wrk -t2 -cN`; conns mode: `10000`) |
 //! | `E2E_ROUNDS` | `2` | interleaved rounds; the table shows their mean |
-//! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` (as fast as the proxy answers, or with `E2E_FLOOD_DELAY_MS` of think time per connection for an offered load that does not depend on the proxy's speed) while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time); then, as a control, the same flood goes to a server of its own while `good` goes through the proxy; `jwt`: like `allowed`, but every request also carries an RS256 token (`Authorization: Bearer`, the test fixtures' key, tenant `bench`), which tiergate verifies (its JWT source comes before the header) while nginx and haproxy key on the header as before |
+//! | `E2E_MODE` | `allowed` | `allowed`: one tenant, everything admitted; `tenants`: `x-tenant-id` cycles over `E2E_TENANTS` (100000) ids; `flood`: tenant `flood` limited to `E2E_FLOOD_RATE`/s (100) hammered by `wrk -cN` (as fast as the proxy answers, or with `E2E_FLOOD_DELAY_MS` of think time per connection for an offered load that does not depend on the proxy's speed) while tenant `good` sends paced traffic (8 conns, `E2E_GOOD_DELAY_MS`=10 ms think time); then, as a control, the same flood goes to a server of its own while `good` goes through the proxy; `jwt`: like `allowed`, but every request also carries an RS256 token (`Authorization: Bearer`, the test fixtures' key, tenant `bench`), which tiergate verifies (its JWT source comes before the header) while nginx and haproxy key on the header as before; `conns`: each proxy's RSS (its processes', not redis-server's) before and while it holds `E2E_CONNS` (here 10000) keep-alive connections that have each had one request answered (see `e2e/conns.rs`; not haproxy, whose `maxconn` here is 4096, nor the hyper floor, which keeps an upstream connection per client connection) |
 //! | `E2E_TARGETS` | all | comma-separated substrings of target names to run |
 //! | `E2E_TIERGATE_BIN` | this build's | the tiergate build run as `tiergate memory` / `tiergate redis` (e.g. `target/pgo/tiergate` from `scripts/pgo-build`) |
 //! | `E2E_BASELINE_BIN` | unset | another tiergate build (e.g. the last release) to run as `baseline memory` / `baseline redis` next to this one, for before/after ratios from one run |
@@ -39,7 +40,8 @@
 //! tiergate's server with nothing else in it: its ratio to nginx +
 //! `limit_req` is what the HTTP stack costs, and tiergate's ratio to it
 //! what tiergate's own work costs (a comparison of its own in pairs mode).
-//! Not in flood mode, where it would only repeat nginx `proxy_pass`.
+//! Not in flood mode, where it would only repeat nginx `proxy_pass`, nor in
+//! conns mode.
 //!
 //! Everything runs on 127.0.0.1 on free ports, in a temp dir; every child
 //! process (nginx, haproxy, redis-server, tiergate, wrk) is killed on exit,
@@ -50,6 +52,8 @@
 //! proxy's own CPU time (plus redis-server's for the redis backend) per
 //! completed request, from /proc.
 
+#[path = "e2e/conns.rs"]
+mod conns;
 #[path = "e2e/floor.rs"]
 mod floor;
 #[path = "e2e/procs.rs"]
@@ -85,6 +89,7 @@ enum Mode {
     Tenants,
     Flood,
     Jwt,
+    Conns,
 }
 
 struct Settings {
@@ -130,7 +135,26 @@ impl Settings {
     fn from_env() -> Result<Settings, String> {
         let d = env_or("E2E_DURATION", "10s");
         let duration = parse_secs(&d).ok_or(format!("E2E_DURATION `{d}`: want 1s..60m"))?;
-        let c = env_or("E2E_CONNS", "64,256");
+        let mode = match env_or("E2E_MODE", "allowed").as_str() {
+            "allowed" | "throughput" | "" => Mode::Allowed,
+            "tenants" => Mode::Tenants,
+            "flood" => Mode::Flood,
+            "jwt" => Mode::Jwt,
+            "conns" => Mode::Conns,
+            other => {
+                return Err(format!(
+                    "E2E_MODE `{other}`: want allowed, tenants, flood, jwt or conns"
+                ));
+            }
+        };
+        let c = env_or(
+            "E2E_CONNS",
+            if mode == Mode::Conns {
+                "10000"
+            } else {
+                "64,256"
+            },
+        );
         let conns = c
             .split(',')
             .map(|x| {
@@ -146,17 +170,6 @@ impl Settings {
             .ok()
             .filter(|n| (1..=20).contains(n))
             .ok_or("E2E_ROUNDS: want 1..=20")?;
-        let mode = match env_or("E2E_MODE", "allowed").as_str() {
-            "allowed" | "throughput" | "" => Mode::Allowed,
-            "tenants" => Mode::Tenants,
-            "flood" => Mode::Flood,
-            "jwt" => Mode::Jwt,
-            other => {
-                return Err(format!(
-                    "E2E_MODE `{other}`: want allowed, tenants, flood or jwt"
-                ));
-            }
-        };
         let only = std::env::var("E2E_TARGETS")
             .ok()
             .filter(|v| !v.trim().is_empty())
@@ -272,12 +285,17 @@ fn run(s: &Settings, tmp: &Path) {
     add(REFERENCE, &["nginx"], &|| {
         targets::nginx_proxy(tmp, up, true, limits)
     });
-    add("haproxy stick-table", &["haproxy"], &|| {
-        targets::haproxy(tmp, up, limits)
-    });
+    // haproxy's `maxconn` here (4096) is below conns mode's count.
+    if s.mode != Mode::Conns {
+        add("haproxy stick-table", &["haproxy"], &|| {
+            targets::haproxy(tmp, up, limits)
+        });
+    }
     // A throughput reference; under a flood it would only repeat nginx
-    // proxy_pass (no limit, everything admitted).
-    if s.mode != Mode::Flood {
+    // proxy_pass (no limit, everything admitted). Not in conns mode: it
+    // keeps an upstream connection per client connection, twice the fds
+    // (and upstream connections) the others need.
+    if s.mode != Mode::Flood && s.mode != Mode::Conns {
         add("hyper floor", &[], &|| targets::floor(tmp, up));
     }
     // The build under test: `E2E_TIERGATE_BIN`, else this build's.
@@ -321,6 +339,7 @@ fn run(s: &Settings, tmp: &Path) {
             pairs(s, &mut list, &scripts)
         }
         Mode::Allowed | Mode::Tenants | Mode::Jwt => throughput(s, &mut list, &scripts),
+        Mode::Conns => hold_conns(s, &list),
         Mode::Flood => {
             // The control: the same flood aimed at a server of its own.
             let (sink, sink_port) = targets::start_upstream(&tmp.join("sink"));
@@ -346,6 +365,52 @@ fn run(s: &Settings, tmp: &Path) {
     }
     drop(list);
     drop(upstream);
+}
+
+/// Conns mode: each target's RSS before and while it holds each count of
+/// keep-alive connections, one target at a time.
+fn hold_conns(s: &Settings, list: &[Target]) {
+    let mut rows = Vec::new();
+    for &n in &s.conns {
+        for t in list {
+            let pids = t.proxy_pids();
+            let before = conns::rss_kib(&pids);
+            let row = match conns::hold(t.port, n) {
+                Ok(open) => {
+                    let holding = conns::rss_kib(&pids);
+                    drop(open);
+                    let per_kb = holding.saturating_sub(before) as f64 * 1.024 / n as f64;
+                    format!(
+                        "| {} | {n} | {:.1} MiB | {:.1} MiB | {per_kb:.1} KB |",
+                        t.name,
+                        mib(before),
+                        mib(holding)
+                    )
+                }
+                Err(e) => format!("| {} | {n} | {:.1} MiB | {e} | |", t.name, mib(before)),
+            };
+            println!("{row}");
+            rows.push(row);
+            // Let the closed connections go before the next target.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    println!();
+    println!(
+        "| target | keep-alive connections | RSS before them | RSS holding them | per connection |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    for r in rows {
+        println!("{r}");
+    }
+    println!(
+        "\n(each connection sent one request and read its 200 before being held; RSS is the \
+         proxy's own processes', nginx's workers included, redis-server's not)"
+    );
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
 }
 
 /// `0`, or the nonzero samples: `{backend="redis",kind="timeout"}=16`.

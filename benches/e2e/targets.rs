@@ -76,11 +76,16 @@ pub struct Target {
 impl Target {
     /// Processes whose CPU time is the proxy's cost (incl. redis).
     pub fn pids(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.guards.iter().filter_map(|g| g.pid()).collect();
+        let mut v = self.proxy_pids();
         if let Some(r) = &self.redis {
             v.extend(r.pid());
         }
         v
+    }
+
+    /// The proxy's own processes (not its redis-server).
+    pub fn proxy_pids(&self) -> Vec<u32> {
+        self.guards.iter().filter_map(|g| g.pid()).collect()
     }
 
     /// Whether every process of this target still runs.
