@@ -16,6 +16,7 @@
 //! connection or per request.
 
 pub mod branches;
+mod protocol;
 pub mod watchdog;
 
 use std::io;
@@ -26,14 +27,14 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 
 use branches::Branches;
+use protocol::Protocols;
 use watchdog::{CLOSE, InFlight, RELEASE, SHUT_DOWN, Watchdog, Watched};
 
 use crate::App;
@@ -92,19 +93,7 @@ pub async fn run_worker(
     let listener = TcpListener::from_std(listener)?;
     let cfg = app.live.load().policy.config().clone();
     let server_cfg = &cfg.server;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // No hyper timer: the header-read deadline is enforced by the worker's
-    // coarse sweep (`watchdog`), which costs nothing per request (hyper's
-    // per-request timer measured ~10% of throughput).
-    builder
-        .http1()
-        .max_buf_size(server_cfg.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .max_header_list_size(server_cfg.max_header_bytes as u32)
-        .max_concurrent_streams(256);
-    let builder = Arc::new(builder);
+    let protocols = Arc::new(Protocols::new(server_cfg.max_header_bytes));
     // A quiet client connection gives its upstream slot back after a
     // quarter of the shorter of the two client timeouts.
     let release_after = (server_cfg.idle_timeout.min(server_cfg.header_read_timeout) / 4)
@@ -156,7 +145,7 @@ pub async fn run_worker(
         let _ = stream.set_nodelay(true);
         let app2 = app.clone();
         let gate = gate.clone();
-        let builder = builder.clone();
+        let protocols = protocols.clone();
         let held = held.clone();
         let state = watchdog.watch();
         app.metrics.active_connections.inc();
@@ -180,7 +169,7 @@ pub async fn run_worker(
                 // would keep a second copy of the request (see `handle`).
                 Gate::handle(gate, req, svc_client.clone(), in_flight)
             });
-            let conn = builder.serve_connection_with_upgrades(io, svc);
+            let conn = protocols.serve(io, svc);
             tokio::pin!(conn);
             let mut closing = false;
             // Each future with its own waker (see `branches`): hyper's

@@ -478,6 +478,132 @@ async fn h2c_prior_knowledge_is_served_with_rate_limit_headers() {
     assert_eq!(seen.header("x-tenant-tier"), Some("enterprise"));
 }
 
+/// A TCP stream whose first write sends only the first `first` bytes, and
+/// whose next write waits a moment: the server sees a connection's opening
+/// bytes arrive in two parts.
+struct OpensInParts {
+    inner: tokio::net::TcpStream,
+    first: usize,
+    written: usize,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for OpensInParts {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for OpensInParts {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::future::Future;
+        use std::task::{Poll, ready};
+        if self.written == 0 {
+            let part = data.len().min(self.first);
+            let n = ready!(std::pin::Pin::new(&mut self.inner).poll_write(cx, &data[..part]))?;
+            self.written = n;
+            self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(300))));
+            return Poll::Ready(Ok(n));
+        }
+        if let Some(pause) = self.pause.as_mut() {
+            ready!(pause.as_mut().poll(cx));
+            self.pause = None;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// An h2c client whose preface reaches tiergate in two parts is still
+/// served HTTP/2: tiergate peeks at a connection's first bytes to tell
+/// HTTP/2 from HTTP/1, and bytes that are only the start of the preface
+/// cannot tell yet (src/server/protocol.rs).
+#[tokio::test]
+async fn h2c_whose_preface_arrives_in_two_parts_is_served() {
+    use http_body_util::{BodyExt, Empty};
+
+    let up = Upstream::start();
+    let tg = Tiergate::start(&config(&up.url(), "", ""));
+    let tcp = tokio::net::TcpStream::connect(tg.proxy_addr())
+        .await
+        .expect("connect");
+    let io = OpensInParts {
+        inner: tcp,
+        first: 10, // "PRI * HTTP"
+        written: 0,
+        pause: None,
+    };
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(io),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri(format!("{}/h2-in-parts", tg.proxy_url()))
+        .header("x-tenant-id", "acme")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("answered in time")
+        .expect("h2 response");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), hyper::Version::HTTP_2);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert!(!body.is_empty());
+    let seen = up.last().expect("upstream saw it");
+    assert_eq!(seen.header("x-tenant-id"), Some("acme"));
+}
+
+/// An HTTP/1 request whose first byte, `P`, arrives alone could still be
+/// the HTTP/2 preface; once the rest comes it is served as HTTP/1.
+#[test]
+fn an_http1_request_whose_first_byte_arrives_alone_is_served() {
+    use std::io::{Read, Write};
+
+    let up = Upstream::start();
+    let tg = Tiergate::start(&config(&up.url(), "", ""));
+    let mut s = std::net::TcpStream::connect(tg.proxy_addr()).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(b"P").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.write_all(
+        b"OST /in-parts HTTP/1.1\r\nhost: t\r\nx-tenant-id: acme\r\n\
+          content-length: 2\r\nconnection: close\r\n\r\nhi",
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let seen = up.last().expect("upstream saw it");
+    assert_eq!(seen.header("x-tenant-id"), Some("acme"));
+}
+
 /// One keep-alive connection carrying several tenants gets each request's
 /// own tenant and bucket headers: tiergate keeps the last request's
 /// `X-Tenant-Id` and rate-limit header values per connection, and must not
