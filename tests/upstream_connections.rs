@@ -291,6 +291,23 @@ impl Streams {
     }
 }
 
+/// Stream A, a POST whose body is half sent, holds the client connection's
+/// own upstream connection; stream B then goes through the worker's shared
+/// pool and is answered. Returns A's body sender and answer.
+async fn one_held_one_pooled(h2: &Streams, up: &CountingUpstream) -> Held {
+    let (a_tx, a) = h2.holding("/a");
+    a_tx.send(bytes::Bytes::from_static(b"hello"))
+        .await
+        .unwrap();
+    assert!(
+        poll_until(Duration::from_secs(5), || up.heads() == 1),
+        "stream A reached the upstream"
+    );
+    assert_eq!(h2.pooled_get("/b").await, 200, "stream B, through the pool");
+    assert_eq!(up.accepted(), 2, "one connection each");
+    (a_tx, a)
+}
+
 /// A connection the shared pool no longer hands out is closed, not kept:
 /// a burst that grew the pool must not hold the upstream's sockets (and
 /// tiergate's memory) after it. Here one stream holds the client
@@ -303,14 +320,8 @@ async fn the_shared_pool_closes_a_connection_idle_for_over_a_second() {
     let up = CountingUpstream::start(false);
     let tg = Tiergate::start(&config(&up.url(), ""));
     let h2 = Streams::connect(tg.proxy_addr()).await;
-    let (a_tx, a) = h2.holding("/a");
-    a_tx.send(Bytes::from_static(b"hello")).await.unwrap();
-    assert!(
-        poll_until(Duration::from_secs(5), || up.heads() == 1),
-        "stream A reached the upstream"
-    );
-    assert_eq!(h2.pooled_get("/b").await, 200, "stream B, through the pool");
-    assert_eq!(up.open(), 2, "one connection each");
+    let (a_tx, a) = one_held_one_pooled(&h2, &up).await;
+    assert_eq!(up.open(), 2);
     assert!(
         poll_until(Duration::from_secs(10), || up.open() == 1),
         "the pooled connection is still open 10 s after its response"
@@ -328,20 +339,12 @@ async fn the_shared_pool_closes_a_connection_idle_for_over_a_second() {
 /// connection's own upstream connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_pool_does_not_reuse_a_connection_idle_for_over_a_second() {
-    let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
-    let tg = Tiergate::start(&racing_config(&up));
     use bytes::Bytes;
 
+    let up = CountingUpstream::with(Behaviour::DropSecondOnConnection);
+    let tg = Tiergate::start(&racing_config(&up));
     let h2 = Streams::connect(tg.proxy_addr()).await;
-
-    let (a_tx, a) = h2.holding("/a");
-    a_tx.send(Bytes::from_static(b"hello")).await.unwrap();
-    assert!(
-        poll_until(Duration::from_secs(5), || up.heads() == 1),
-        "stream A reached the upstream"
-    );
-    assert_eq!(h2.pooled_get("/b").await, 200, "stream B, through the pool");
-    assert_eq!(up.accepted(), 2, "one connection each");
+    let (a_tx, a) = one_held_one_pooled(&h2, &up).await;
     a_tx.send(Bytes::from_static(b"world")).await.unwrap();
     assert_eq!(a.await.unwrap().expect("stream A").as_u16(), 200);
 
