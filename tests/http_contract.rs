@@ -579,7 +579,8 @@ async fn h2c_whose_preface_arrives_in_two_parts_is_served() {
 }
 
 /// An HTTP/1 request whose first byte, `P`, arrives alone could still be
-/// the HTTP/2 preface; once the rest comes it is served as HTTP/1.
+/// the HTTP/2 preface; once the rest comes it is served as HTTP/1 (fails
+/// if such a connection is taken for HTTP/2, or left waiting).
 #[test]
 fn an_http1_request_whose_first_byte_arrives_alone_is_served() {
     use std::io::{Read, Write};

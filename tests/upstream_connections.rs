@@ -334,9 +334,10 @@ async fn the_shared_pool_closes_a_connection_idle_for_over_a_second() {
 
 /// The shared pool does not reuse a connection that has been idle for over
 /// a second, so an upstream's keep-alive timer cannot close one under a
-/// request. Here the pool carries an HTTP/2 stream sent while another
-/// stream (a POST whose body is still coming) holds the client
-/// connection's own upstream connection.
+/// request: by then the pool's timer has closed it (the test below), and
+/// checkout skips one it has not closed yet. Here the pool carries an
+/// HTTP/2 stream sent while another stream (a POST whose body is still
+/// coming) holds the client connection's own upstream connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shared_pool_does_not_reuse_a_connection_idle_for_over_a_second() {
     use bytes::Bytes;
