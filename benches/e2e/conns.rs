@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use crate::procs::{children_of, local};
+use crate::procs::{local, with_children};
 
 /// Connections whose request is sent before their answers are read.
 const WAVE: usize = 500;
@@ -24,11 +24,8 @@ const HOLD: Duration = Duration::from_secs(2);
 /// RSS in KiB of `pids` and their direct children (nginx workers), from
 /// /proc; 0 for a process that cannot be read.
 pub fn rss_kib(pids: &[u32]) -> u64 {
-    let mut all = pids.to_vec();
-    all.extend(children_of(pids));
-    all.sort_unstable();
-    all.dedup();
-    all.iter()
+    with_children(pids)
+        .iter()
         .filter_map(|p| {
             let status = std::fs::read_to_string(format!("/proc/{p}/status")).ok()?;
             status

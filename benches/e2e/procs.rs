@@ -49,9 +49,7 @@ pub fn install_signal_handler() {
 
 fn kill_all_registered() {
     let pids: Vec<u32> = LIVE.lock().map(|v| v.clone()).unwrap_or_default();
-    let mut all = pids.clone();
-    all.extend(children_of(&pids));
-    signal(&all, "-KILL");
+    signal(&with_children(&pids), "-KILL");
 }
 
 /// Sends `sig` (`-TERM`, `-KILL`) to `pids` with kill(1).
@@ -65,6 +63,15 @@ fn signal(pids: &[u32], sig: &str) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
+}
+
+/// `pids` and their direct children (nginx workers), each once.
+pub fn with_children(pids: &[u32]) -> Vec<u32> {
+    let mut all = pids.to_vec();
+    all.extend(children_of(pids));
+    all.sort_unstable();
+    all.dedup();
+    all
 }
 
 /// Direct children of `pids` (nginx workers), from /proc.

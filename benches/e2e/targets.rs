@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::procs::{
-    ChildGuard, Redis, children_of, free_port, http_get, wait_for_port, which, write_file,
+    ChildGuard, Redis, free_port, http_get, wait_for_port, which, with_children, write_file,
 };
 
 /// How each proxy limits tenants in this run.
@@ -425,11 +425,11 @@ pub fn metric_sum(admin: u16, name: &str) -> Option<f64> {
 /// workers), from /proc. Linux only; 0 where unreadable.
 pub fn cpu_seconds(pids: &[u32]) -> f64 {
     let tick = 100.0; // USER_HZ on Linux
-    let mut all: Vec<u32> = pids.to_vec();
-    all.extend(children_of(pids));
-    all.sort_unstable();
-    all.dedup();
-    let ticks: u64 = all.iter().filter_map(|p| stat(*p)).map(|(_, t)| t).sum();
+    let ticks: u64 = with_children(pids)
+        .iter()
+        .filter_map(|p| stat(*p))
+        .map(|(_, t)| t)
+        .sum();
     ticks as f64 / tick
 }
 
