@@ -17,6 +17,7 @@
 //! | [`config`] | YAML → validated [`config::Config`] (the only YAML user) |
 //! | [`metrics`] | Prometheus metrics on a passed-in registry |
 //! | [`demo`] | `tiergate demo`: echo upstream and sample credentials |
+//! | [`heap_trim`] | freed heap memory back to the OS after a burst |
 //!
 //! [`start`] builds a running instance from a validated config; the binary
 //! (`main.rs`) adds the CLI, logging and signals around it.
@@ -27,6 +28,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod hardening;
+pub mod heap_trim;
 pub mod identity;
 pub mod limiter;
 pub mod metrics;
@@ -451,6 +453,7 @@ pub async fn start(
     }
 
     tokio::spawn(admin::serve(app.clone(), admin_listener));
+    heap_trim::spawn(Arc::downgrade(&app));
     if app.admin_redis.is_some() {
         spawn_probe(&app);
     }
