@@ -367,8 +367,8 @@ fn run(s: &Settings, tmp: &Path) {
     drop(upstream);
 }
 
-/// Conns mode: each target's RSS before and while it holds each count of
-/// keep-alive connections, one target at a time.
+/// Conns mode: each target's RSS before, while it holds each count of
+/// keep-alive connections, and once they have closed, one target at a time.
 fn hold_conns(s: &Settings, list: &[Target]) {
     let mut rows = Vec::new();
     for &n in &s.conns {
@@ -379,27 +379,33 @@ fn hold_conns(s: &Settings, list: &[Target]) {
                 Ok(open) => {
                     let holding = conns::rss_kib(&pids);
                     drop(open);
+                    std::thread::sleep(conns::SETTLE);
+                    let after = conns::rss_kib(&pids);
                     let per_kb = holding.saturating_sub(before) as f64 * 1.024 / n as f64;
                     format!(
-                        "| {} | {n} | {:.1} MiB | {:.1} MiB | {per_kb:.1} KB |",
+                        "| {} | {n} | {:.1} MiB | {:.1} MiB | {per_kb:.1} KB | {:.1} MiB |",
                         t.name,
                         mib(before),
-                        mib(holding)
+                        mib(holding),
+                        mib(after)
                     )
                 }
-                Err(e) => format!("| {} | {n} | {:.1} MiB | {e} | |", t.name, mib(before)),
+                Err(e) => {
+                    std::thread::sleep(conns::SETTLE);
+                    format!("| {} | {n} | {:.1} MiB | {e} | | |", t.name, mib(before))
+                }
             };
             println!("{row}");
             rows.push(row);
-            // Let the closed connections go before the next target.
-            std::thread::sleep(Duration::from_secs(1));
         }
     }
     println!();
     println!(
-        "| target | keep-alive connections | RSS before them | RSS holding them | per connection |"
+        "| target | keep-alive connections | RSS before them | RSS holding them | per connection \
+         | RSS {} s after they closed |",
+        conns::SETTLE.as_secs()
     );
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     for r in rows {
         println!("{r}");
     }

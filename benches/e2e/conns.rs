@@ -3,10 +3,11 @@
 //!
 //! For each target in turn: read its processes' RSS, open N connections
 //! that each send one request and read its answer, hold them all for two
-//! seconds, read the RSS again, then close them. Requests go out in waves
-//! of [`WAVE`] so that a wave's answers are read before the next is sent,
-//! as N clients arriving over a few seconds would; each wave is one
-//! tenant's requests, as in allowed mode.
+//! seconds, read the RSS again, then close them and read it once more
+//! [`SETTLE`] later. Requests go out in waves of [`WAVE`] so that a wave's
+//! answers are read before the next is sent, as N clients arriving over a
+//! few seconds would; each wave is one tenant's requests, as in allowed
+//! mode.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -20,6 +21,9 @@ const WAVE: usize = 500;
 const LIMIT: Duration = Duration::from_secs(120);
 /// How long the connections are held before the RSS is read.
 const HOLD: Duration = Duration::from_secs(2);
+/// How long after closing them the RSS is read again: tiergate checks
+/// whether to give freed memory back every 10 s (`src/heap_trim.rs`).
+pub const SETTLE: Duration = Duration::from_secs(12);
 
 /// RSS in KiB of `pids` and their direct children (nginx workers), from
 /// /proc; 0 for a process that cannot be read.
