@@ -10,39 +10,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::{Tiergate, Upstream, poll_until};
+use common::{Tiergate, Upstream, fd_count, poll_until, rss_kib, soft_nofile};
 
 /// Connections in the burst: ~18.5 KB of buffers each, so the burst frees
 /// well over the 32 MiB of new free memory that makes the check trim.
 const CONNS: usize = 4_000;
-
-/// The soft `RLIMIT_NOFILE` of this process (tiergate inherits it).
-fn soft_nofile() -> usize {
-    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
-    limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .map(|v| v.parse().unwrap_or(usize::MAX))
-        .unwrap_or(1024)
-}
-
-/// Resident set size of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .expect("/proc/<pid>/status")
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmRSS")
-}
-
-/// Open file descriptors of `pid`.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 /// Sends one keep-alive `GET` and reads its whole response (head and a
 /// `content-length` body); returns the open connection and the status line.

@@ -13,7 +13,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{Tiergate, Upstream, client, raw_http};
+use common::{Tiergate, Upstream, client, fd_count, raw_http, soft_nofile};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use tiergate::identity::TenantId;
@@ -1009,30 +1009,6 @@ async fn ip_limit_applies_before_jwt_verification() {
 
 // ---------------------------------------------------------------------------
 // Connection floods
-
-/// The soft `RLIMIT_NOFILE` of this process (children inherit it).
-fn soft_nofile() -> usize {
-    let limits = std::fs::read_to_string("/proc/self/limits").expect("/proc/self/limits");
-    limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3))
-        .map(|v| {
-            if v == "unlimited" {
-                usize::MAX
-            } else {
-                v.parse().unwrap_or(1024)
-            }
-        })
-        .unwrap_or(1024)
-}
-
-/// Open file descriptors of `pid`.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
 
 /// Up to 10,000 idle TCP connections (as many as the fd limit allows: this
 /// process and tiergate each hold one fd per connection, and both have the

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Fault, FaultProxy, RedisServer, Tiergate, Upstream, eventually};
+use common::{Fault, FaultProxy, RedisServer, Tiergate, Upstream, eventually, fd_count};
 use serde_json::Value;
 
 /// `backend.redis.timeout`.
@@ -618,13 +618,6 @@ async fn logs_once_per_transition() {
     assert_clean("load through two outages", &samples);
     assert_eq!(log_count(tg, DEGRADED_LOG), 2, "{}", tg.dump());
     assert_eq!(log_count(tg, RECOVERED_LOG), 2, "{}", tg.dump());
-}
-
-/// Open file descriptors of `pid`.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .expect("read /proc/<pid>/fd")
-        .count()
 }
 
 /// Threads of `pid`.

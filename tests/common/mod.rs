@@ -6,6 +6,7 @@
 //! - [`RedisServer`]: a throw-away `redis-server` on a free port;
 //! - [`Upstream`]: an HTTP/1.1 + h2c origin server that records what it sees;
 //! - [`Tiergate`]: the real `tiergate` binary started from a YAML string;
+//! - /proc readings ([`soft_nofile`], [`fd_count`], [`rss_kib`]);
 //! - HTTP helpers ([`client`], [`burst`], [`raw_http`], [`h2c_request`]) and
 //!   bounded polling helpers ([`poll_until`], [`eventually`]).
 //!
@@ -21,6 +22,8 @@ pub use counting_upstream::{Behaviour, CountingUpstream};
 mod fault;
 /// HTTP client helpers.
 mod http;
+/// Open files, their limit and memory of a process, from /proc.
+mod procfs;
 /// Throw-away `redis-server` processes.
 mod redis_server;
 /// A fully read HTTP response and a shared request builder.
@@ -33,6 +36,8 @@ pub use fault::*;
 
 /// HTTP client helpers: reqwest client, bursts, raw TCP, h2c.
 pub use http::{burst, client, client_5s, h2c_request, raw_http};
+/// /proc readings: `soft_nofile`, `fd_count`, `rss_kib`.
+pub use procfs::{fd_count, rss_kib, soft_nofile};
 /// A real `redis-server` on a free port.
 pub use redis_server::RedisServer;
 /// A fully read HTTP response, and `method url` + headers as a request.
