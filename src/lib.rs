@@ -453,7 +453,7 @@ pub async fn start(
     }
 
     tokio::spawn(admin::serve(app.clone(), admin_listener));
-    heap_trim::spawn(Arc::downgrade(&app));
+    heap_trim::spawn(shutdown_rx.clone());
     if app.admin_redis.is_some() {
         spawn_probe(&app);
     }
