@@ -27,7 +27,7 @@
 //!
 //! Both calls walk every arena under its lock, and the trim makes a
 //! system call per free stretch: after 10,000 connections closed, the
-//! reading took 3 ms and the trim 24 ms. They run on Tokio's blocking
+//! reading took 3 ms and the trim 11–24 ms. They run on Tokio's blocking
 //! pool, so no worker spends its time on them, but a worker that
 //! allocates in an arena while it is locked waits (once per trim, for at
 //! most that long). Under a steady `wrk -c64` load the reading took
