@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::{Tiergate, Upstream, fd_count, poll_until, rss_kib, soft_nofile};
 
-/// Connections in the burst: ~18.5 KB of buffers each, so the burst frees
-/// well over the 32 MiB of new free memory that makes the check trim.
+/// Connections in the burst: ~18.5 KB of buffers each, so closing them
+/// leaves well over the 32 MiB of new slack (resident but unused memory)
+/// that makes the check trim.
 const CONNS: usize = 4_000;
 
 /// Sends one keep-alive `GET` and reads its whole response (head and a
